@@ -1,0 +1,365 @@
+"""Progressive Meta-Pooling Learning (METHOD.md section 2) as a per-step component.
+
+The training loop calls, once per iteration::
+
+    loss = search.step(support_batch, query_batch, epoch)   # leaves g_w in p.grad
+    optimizer.step()                                       # the real weight update
+    search.after_step(epoch)                               # progressive freezing
+
+``step`` does one support forward/backward (whose weight gradient is kept for the real update),
+an optional lookahead ``w' = w - inner_lr * g_w``, and a query forward/backward for the
+gradient of alpha; first-order PMPL therefore costs two passes, not three.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+
+from metapool.enhancer import MetaPoolEnhancer
+from metapool.genotype import Genotype, LayerChoice
+from metapool.models import enhancers
+
+STOP_RULES = ("margin", "reference_code", "none")
+DEADLINE_POLICIES = ("top2", "argmax")
+ORDERS = ("first", "second")
+SECOND_ORDER_METHODS = ("finite_difference", "exact")
+
+
+@dataclass
+class PMPLConfig:
+    """Every knob of the search; ``params.yaml``'s ``pmpl`` section maps onto it."""
+
+    inner_lr: float = 0.0
+    inner_steps: int = 1
+    order: str = "first"
+    second_order_method: str = "finite_difference"
+    fd_eps: float = 0.01
+    alpha_lr: float = 3e-4
+    alpha_betas: tuple[float, float] = (0.5, 0.999)
+    alpha_weight_decay: float = 1e-3
+    threshold: float = 0.3
+    stop_rule: str = "margin"
+    deadline_epoch: int = 50
+    deadline_policy: str = "top2"
+    history_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.alpha_betas = tuple(self.alpha_betas)
+        checks = [
+            (self.inner_lr >= 0, f"pmpl.inner_lr={self.inner_lr} must be >= 0"),
+            (self.inner_steps >= 1, f"pmpl.inner_steps={self.inner_steps} must be >= 1"),
+            (self.order in ORDERS, f"pmpl.order={self.order!r}: choose from {ORDERS}"),
+            (self.second_order_method in SECOND_ORDER_METHODS,
+             f"pmpl.second_order_method={self.second_order_method!r}: choose from {SECOND_ORDER_METHODS}"),
+            (self.alpha_lr > 0, f"pmpl.alpha_lr={self.alpha_lr} must be > 0"),
+            (self.alpha_weight_decay >= 0, f"pmpl.alpha_weight_decay={self.alpha_weight_decay} must be >= 0"),
+            (0 < self.threshold <= 1, f"pmpl.threshold={self.threshold} must lie in (0, 1]"),
+            (self.stop_rule in STOP_RULES, f"pmpl.stop_rule={self.stop_rule!r}: choose from {STOP_RULES}"),
+            (self.deadline_epoch >= 0, f"pmpl.deadline_epoch={self.deadline_epoch} must be >= 0"),
+            (self.deadline_policy in DEADLINE_POLICIES,
+             f"pmpl.deadline_policy={self.deadline_policy!r}: choose from {DEADLINE_POLICIES}"),
+            (self.fd_eps > 0, f"pmpl.fd_eps={self.fd_eps} must be > 0"),
+            (not (self.order == "second" and self.second_order_method == "finite_difference"
+                  and self.inner_steps != 1),
+             "pmpl.order=second with finite_difference needs inner_steps=1: use second_order_method=exact"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class FreezeEvent:
+    layer: str
+    ops: list[int]
+    probs: list[float]
+    step: int
+    epoch: int
+    reason: str
+
+
+@dataclass
+class _History:
+    steps: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    probs: list[list[list[float]]] = field(default_factory=list)  # [record][layer][candidate]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class ProgressiveMetaPooling:
+    """Learns the enhancers' alpha with a bilevel step and freezes layers progressively."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PMPLConfig,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.model = model  # possibly DDP-wrapped: the support pass goes through it
+        self.net = _unwrap(model)
+        self.cfg = config
+        self.loss_fn = loss_fn
+        # Genotype layer names are the blocks' names (set by build_model), else module paths.
+        self.layers: list[tuple[str, MetaPoolEnhancer]] = [
+            (getattr(m, "layer", path), m) for path, m in enhancers(self.net)]
+        if not self.layers:
+            raise ValueError("PMPL needs a model with searchable enhancers (enhancer=search)")
+        self.candidates = list(self.layers[0][1].candidates)
+        self.alphas = [m.alpha for _, m in self.layers]
+        alpha_ids = {id(a) for a in self.alphas}
+        self.weight_names = [n for n, p in self.net.named_parameters()
+                             if p.requires_grad and id(p) not in alpha_ids]
+        params = dict(self.net.named_parameters())
+        self.weights = [params[n] for n in self.weight_names]
+        self.alpha_optimizer = torch.optim.Adam(
+            self.alphas, lr=config.alpha_lr, betas=config.alpha_betas,
+            weight_decay=config.alpha_weight_decay,
+        )
+        self.global_step = 0
+        self.events: list[FreezeEvent] = []
+        self.history = _History()
+        self._broadcast_alpha()
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def active(self) -> bool:
+        """True while at least one layer is still searching."""
+        return any(not m.frozen for _, m in self.layers)
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Parameters for the recipe's weight optimizer (everything but alpha)."""
+        return list(self.weights)
+
+    def step(self, support: tuple[torch.Tensor, torch.Tensor],
+             query: tuple[torch.Tensor, torch.Tensor] | None, epoch: int) -> torch.Tensor:
+        """One PMPL iteration; leaves the support gradient in ``p.grad`` for the weight update."""
+        x_s, y_s = support
+        for p in self.net.parameters():
+            p.grad = None
+        loss_s = self.loss_fn(self.model(x_s), y_s)
+        loss_s.backward()  # under DDP this all-reduces g_w like ordinary training
+        if self.active:
+            if query is None:
+                raise ValueError("PMPL is still searching but no query batch was given")
+            g_w = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                   for p in self.weights]
+            grad_alpha = self.hypergradient(support, query, g_w)
+            for a, g in zip(self.alphas, grad_alpha, strict=True):
+                a.grad = g
+            self._allreduce_alpha_grad()
+            self.alpha_optimizer.step()
+            self._check_finite_alpha(epoch)
+            for p, g in zip(self.weights, g_w, strict=True):
+                p.grad = g
+        for a in self.alphas:
+            a.grad = None  # alpha is never touched by the weight optimizer
+        self.global_step += 1
+        return loss_s.detach()
+
+    def after_step(self, epoch: int) -> list[FreezeEvent]:
+        """Apply the stopping rule to every searching layer; record alpha history."""
+        if self.global_step % max(1, self.cfg.history_every) == 0 and self.active:
+            self._record(epoch)
+        frozen: list[FreezeEvent] = []
+        if self.cfg.stop_rule == "none":
+            return frozen
+        for name, module in self.layers:
+            if module.frozen:
+                continue
+            probs = module.probabilities()
+            top2 = torch.topk(probs, min(2, len(probs)))
+            margin = float(top2.values[0] - (top2.values[1] if len(probs) > 1 else 0.0))
+            if margin >= self.cfg.threshold:
+                if self.cfg.stop_rule == "reference_code":
+                    # The reference code indexed the candidates with the boolean result of the
+                    # margin test: True == 1 -> always candidate #1 (strip_pool).
+                    chosen = [int(margin >= self.cfg.threshold)]
+                else:
+                    chosen = [int(top2.indices[0])]
+                frozen.append(self._freeze(name, module, chosen, epoch, self.cfg.stop_rule))
+        return frozen
+
+    def on_epoch_start(self, epoch: int) -> list[FreezeEvent]:
+        """At the deadline epoch, fix every undecided layer by the deadline policy."""
+        if epoch >= self.cfg.deadline_epoch:
+            return self.finalize(epoch, reason="deadline")
+        return []
+
+    def finalize(self, epoch: int, reason: str = "end_of_training") -> list[FreezeEvent]:
+        """Freeze every layer still searching (deadline policy); used at the deadline/end."""
+        events = []
+        for name, module in self.layers:
+            if module.frozen:
+                continue
+            probs = module.probabilities()
+            k = 2 if self.cfg.deadline_policy == "top2" and len(probs) > 1 else 1
+            chosen = sorted(int(i) for i in torch.topk(probs, k).indices)
+            events.append(self._freeze(name, module, chosen, epoch, reason))
+        return events
+
+    def genotype(self) -> Genotype:
+        """The decisions so far (every layer must be frozen)."""
+        if self.active:
+            raise RuntimeError("some layers are still searching: call finalize() first")
+        by_layer = {e.layer: e for e in self.events}
+        layers = []
+        for name, module in self.layers:
+            e = by_layer.get(name)
+            layers.append(LayerChoice(
+                layer=name, ops=[self.candidates[i] for i in module.chosen],
+                probs=e.probs if e else module.probabilities().tolist(),
+                step=e.step if e else -1, epoch=e.epoch if e else -1,
+                reason=e.reason if e else "restored"))
+        return Genotype(layers=layers, candidates=self.candidates,
+                        split_ratio=self.layers[0][1].split_ratio)
+
+    def state_dict(self) -> dict:
+        """Alpha optimizer state, freeze events and history (alpha itself is in the model)."""
+        return {
+            "alpha_optimizer": self.alpha_optimizer.state_dict(),
+            "global_step": self.global_step,
+            "events": [asdict(e) for e in self.events],
+            "history": asdict(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha_optimizer.load_state_dict(state["alpha_optimizer"])
+        self.global_step = int(state["global_step"])
+        self.events = [FreezeEvent(**e) for e in state["events"]]
+        self.history = _History(**state["history"])
+
+    def history_table(self) -> list[dict]:
+        """Long-format alpha history: one row per (record, layer, candidate)."""
+        rows = []
+        for step, epoch, probs in zip(self.history.steps, self.history.epochs,
+                                      self.history.probs, strict=True):
+            for (name, _), layer_probs in zip(self.layers, probs, strict=True):
+                for cand, p in zip(self.candidates, layer_probs, strict=True):
+                    rows.append({"step": step, "epoch": epoch, "layer": name,
+                                 "candidate": cand, "prob": p})
+        return rows
+
+    # ----------------------------------------------------------------- the hypergradient
+    def hypergradient(self, support, query, g_w: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradient of the query loss w.r.t. alpha after the lookahead (METHOD.md step 3)."""
+        cfg = self.cfg
+        if cfg.inner_lr == 0:
+            return self._alpha_grad(query, [])  # plain alternating update (reference code)
+        if cfg.order == "second" and cfg.second_order_method == "exact":
+            return self._exact_hypergradient(support, query)
+        deltas = self._lookahead(support, g_w)
+        try:
+            if cfg.order == "first":
+                return self._alpha_grad(query, [])
+            grads = self._alpha_grad(query, self.weights)
+            g_alpha, dw = grads[: len(self.alphas)], grads[len(self.alphas):]
+        finally:
+            self._shift(deltas, -1.0)
+        return self._finite_difference(support, g_alpha, dw)
+
+    def _alpha_grad(self, batch, extra: list[torch.Tensor]) -> list[torch.Tensor]:
+        x, y = batch
+        loss = self.loss_fn(self.net(x), y)
+        grads = torch.autograd.grad(loss, self.alphas + list(extra), allow_unused=True)
+        targets = self.alphas + list(extra)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets, strict=True)]
+
+    def _lookahead(self, support, g_w) -> list[torch.Tensor]:
+        """w <- w - inner_lr * g (inner_steps times); returns the total shift to undo later."""
+        total = [torch.zeros_like(p) for p in self.weights]
+        grads = g_w
+        for k in range(self.cfg.inner_steps):
+            if k > 0:
+                x, y = support
+                loss = self.loss_fn(self.net(x), y)
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(
+                    torch.autograd.grad(loss, self.weights, allow_unused=True),
+                    self.weights, strict=True)]
+            step = [-self.cfg.inner_lr * g for g in grads]
+            self._shift(step, 1.0)
+            total = [t + s for t, s in zip(total, step, strict=True)]
+        return total
+
+    @torch.no_grad()
+    def _shift(self, deltas: list[torch.Tensor], sign: float) -> None:
+        for p, d in zip(self.weights, deltas, strict=True):
+            p.add_(d, alpha=sign)
+
+    def _finite_difference(self, support, g_alpha, dw) -> list[torch.Tensor]:
+        """DARTS eq. 8: subtract inner_lr * (grad_a L_s(w+) - grad_a L_s(w-)) / (2 eps)."""
+        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in dw)).item()
+        if norm == 0:
+            return g_alpha
+        eps = self.cfg.fd_eps / norm
+        step = [eps * d for d in dw]
+        self._shift(step, 1.0)
+        try:
+            g_plus = self._alpha_grad(support, [])
+            self._shift(step, -2.0)
+            g_minus = self._alpha_grad(support, [])
+        finally:
+            self._shift(step, 1.0)
+        return [g - self.cfg.inner_lr * (gp - gm) / (2 * eps)
+                for g, gp, gm in zip(g_alpha, g_plus, g_minus, strict=True)]
+
+    def _exact_hypergradient(self, support, query) -> list[torch.Tensor]:
+        """Differentiate through the unrolled lookahead with autograd (any inner_steps)."""
+        x_s, y_s = support
+        fast = dict(zip(self.weight_names, self.weights, strict=True))
+        for _ in range(self.cfg.inner_steps):
+            loss = self.loss_fn(functional_call(self.net, fast, (x_s,), strict=False), y_s)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True,
+                                        allow_unused=True)
+            fast = {n: w if g is None else w - self.cfg.inner_lr * g
+                    for (n, w), g in zip(fast.items(), grads, strict=True)}
+        x_q, y_q = query
+        loss_q = self.loss_fn(functional_call(self.net, fast, (x_q,), strict=False), y_q)
+        grads = torch.autograd.grad(loss_q, self.alphas, allow_unused=True)
+        return [torch.zeros_like(a) if g is None else g.detach()
+                for g, a in zip(grads, self.alphas, strict=True)]
+
+    # ----------------------------------------------------------------- bookkeeping
+    def _freeze(self, name, module, chosen, epoch, reason) -> FreezeEvent:
+        module.freeze(chosen)
+        event = FreezeEvent(layer=name, ops=chosen, probs=module.probabilities().tolist(),
+                            step=self.global_step, epoch=epoch, reason=reason)
+        self.events.append(event)
+        return event
+
+    def _record(self, epoch: int) -> None:
+        self.history.steps.append(self.global_step)
+        self.history.epochs.append(epoch)
+        self.history.probs.append([m.probabilities().tolist() for _, m in self.layers])
+
+    def _check_finite_alpha(self, epoch: int) -> None:
+        for name, module in self.layers:
+            if not torch.isfinite(module.alpha).all():
+                raise FloatingPointError(
+                    f"alpha of {name} became NaN/inf at step {self.global_step} (epoch {epoch}): "
+                    "lower pmpl.alpha_lr or pmpl.inner_lr and resume from the last checkpoint")
+
+    def _allreduce_alpha_grad(self) -> None:
+        # Averaging alpha's gradient (rather than computing it on one rank) uses every rank's
+        # query batch, and all ranks then take the same Adam step from the same state, so alpha
+        # and every freezing decision stay bit-identical across ranks.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([a.grad.reshape(-1) for a in self.alphas])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= dist.get_world_size()
+            offset = 0
+            for a in self.alphas:
+                a.grad.copy_(flat[offset: offset + a.numel()].view_as(a))
+                offset += a.numel()
+
+    def _broadcast_alpha(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for a in self.alphas:
+                dist.broadcast(a.data, src=0)

@@ -1,0 +1,140 @@
+"""Architecture: parameter counts, enhancer placement, fixed/exported models, timm registry."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import metapool  # noqa: F401  (registers metapool_* with timm)
+from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
+from metapool.genotype import Genotype, LayerChoice
+from metapool.models import build_model, enhancers, export_fixed, slot_names
+from metapool.ops import CANDIDATES, DEFAULT_CANDIDATES, build_op
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_baseline_matches_torchvision_parameter_count():
+    assert n_params(torchvision.models.mobilenet_v2()) == 3_504_872
+    assert n_params(build_model("mobilenetv2_100", "none")) == 3_504_872
+    assert n_params(timm.create_model("mobilenetv2_100")) == 3_504_872
+
+
+@pytest.mark.parametrize("width", [0.5, 0.75, 1.4])
+def test_width_multiplier_matches_torchvision(width):
+    tv = torchvision.models.mobilenet_v2(width_mult=width, num_classes=100)
+    ours = build_model("mobilenetv2_100", "none", width=width, num_classes=100)
+    assert n_params(ours) == n_params(tv)
+
+
+def test_sixteen_enhancers_after_depthwise_conv():
+    model = timm.create_model("metapool_mobilenetv2_100")
+    found = enhancers(model)
+    assert len(found) == 16
+    for name, enh in found:
+        block = model.get_submodule(name.rpartition(".")[0])
+        # the enhancer works on the block's expanded (hidden) channels
+        assert enh.channels == block.conv_dw.out_channels == block.conv_pwl.in_channels
+        assert enh.alpha.shape == (len(DEFAULT_CANDIDATES),)
+    assert "blocks.0.0" not in [n.rpartition(".")[0] for n, _ in found]  # expand ratio 1
+
+
+def test_enhancer_cost_matches_method_md():
+    base = n_params(timm.create_model("mobilenetv2_100"))
+    strip = n_params(timm.create_model("metapool_mobilenetv2_100", fixed_op="strip_pool"))
+    half = n_params(build_model("mobilenetv2_100", "fixed", fixed_op="strip_pool", split_ratio=0.5))
+    pool = n_params(timm.create_model("metapool_mobilenetv2_100", fixed_op="max_pool_3x3"))
+    assert 0.44e6 < strip - base < 0.48e6  # METHOD.md: about 0.46M (+13%)
+    assert 0.12e6 < half - base < 0.14e6  # about 0.13M (+4%)
+    assert pool - base == sum(2 * e.channels for _, e in enhancers(
+        timm.create_model("metapool_mobilenetv2_100")))  # pooling adds only the enhancer BN
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_every_candidate_preserves_shape(name):
+    x = torch.randn(2, 16, 9, 7)
+    assert build_op(name, 16)(x).shape == x.shape
+
+
+def test_unknown_op_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown candidate op 'max_pool_9x9': choose from skip"):
+        build_op("max_pool_9x9", 8)
+
+
+def test_split_ratio_enhances_half_the_channels():
+    enh = MetaPoolEnhancer(16, split_ratio=0.5)
+    x = torch.randn(2, 16, 6, 6)
+    out = enh(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[:, 8:], x[:, 8:])
+    assert enh.ops[1].conv1.in_channels == 8
+
+
+def test_frozen_enhancer_equals_its_chosen_op():
+    torch.manual_seed(0)
+    enh = MetaPoolEnhancer(16).eval()
+    x = torch.randn(2, 16, 8, 8)
+    enh.freeze([4])  # max_pool_7x7
+    expected = enh.act(enh.bn(enh.ops[4](x)))
+    torch.testing.assert_close(enh(x), expected)
+    fixed = enh.to_fixed().eval()
+    assert isinstance(fixed, FixedEnhancer) and fixed.op_names == ("max_pool_7x7",)
+    torch.testing.assert_close(fixed(x), expected)
+
+
+def test_frozen_enhancer_does_not_run_other_candidates():
+    enh = MetaPoolEnhancer(8)
+    calls = []
+    for i, op in enumerate(enh.ops):
+        op.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    enh(torch.randn(1, 8, 4, 4))
+    assert calls == list(range(len(DEFAULT_CANDIDATES)))
+    calls.clear()
+    enh.freeze([2, 5])
+    enh(torch.randn(1, 8, 4, 4))
+    assert calls == [2, 5]
+
+
+def test_export_fixed_keeps_outputs_and_drops_unused_parameters():
+    torch.manual_seed(0)
+    model = timm.create_model("metapool_mobilenetv2_100", num_classes=10).eval()
+    ops = {}
+    for i, (_, enh) in enumerate(enhancers(model)):
+        enh.freeze([i % len(DEFAULT_CANDIDATES)])
+        ops[enh.layer] = [DEFAULT_CANDIDATES[i % len(DEFAULT_CANDIDATES)]]
+    assert list(ops) == slot_names("mobilenetv2_100")
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    export_fixed(model)
+    assert not enhancers(model)
+    torch.testing.assert_close(model(x), before)
+    geno = Genotype([LayerChoice(n, o) for n, o in ops.items()], list(DEFAULT_CANDIDATES))
+    rebuilt = timm.create_model("metapool_mobilenetv2_100", genotype=geno, num_classes=10)
+    assert n_params(rebuilt) == n_params(model)
+    assert not any("alpha" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("attention", ["se", "coord", "cbam", "eca"])
+def test_attention_ablation_uses_timm_modules(attention):
+    model = timm.create_model("metapool_mobilenetv2_100", attention=attention, num_classes=10)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    assert n_params(model) > n_params(timm.create_model("mobilenetv2_100", num_classes=10)) or (
+        attention == "eca")
+
+
+@pytest.mark.parametrize("backbone,count", [
+    ("mobilenetv3_large_100", 15), ("efficientnet_b0", 16), ("resnet18", 8)])
+def test_other_backbones_get_enhancers(backbone, count):
+    model = timm.create_model(f"metapool_{backbone}", num_classes=5)
+    assert len(enhancers(model)) == count == len(slot_names(backbone))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_unknown_backbone_and_attention_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16': choose from"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="unknown attention 'foo'"):
+        build_model("mobilenetv2_100", "attention", attention="foo")
