@@ -117,6 +117,8 @@ def build_model(
         model = _gen_mobilenet_v2("mobilenetv2_100", width, **timm_kwargs)
     else:
         model = timm.create_model(backbone, **timm_kwargs)
+    if backbone == "mobilenetv2_100":
+        _torchvision_classifier_init(model)
     if enhancer == "none":
         return model
     slots = find_slots(model, BACKBONES[backbone])
@@ -144,6 +146,17 @@ def build_model(
     for slot in slots:
         _fill(slot, factory(slot))
     return model
+
+
+def _torchvision_classifier_init(model: nn.Module) -> None:
+    # timm initialises the classifier uniform(+-1/sqrt(num_classes)): with few classes the
+    # initial logits are huge (loss 5-7 at 10 classes). torchvision's MobileNetV2 - the
+    # architecture reproduced here - uses N(0, 0.01) and zero bias, which is also timm's
+    # convolution init (kaiming normal, fan out), so the whole model now matches torchvision.
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, 0, 0.01)
+        nn.init.zeros_(head.bias)
 
 
 def _as_genotype(genotype, layers: list[str], fixed_op: str | None, split_ratio: float) -> Genotype:

@@ -1,0 +1,307 @@
+"""``metapool compare``: what the suite concludes, with intervals (METHOD.md section 6).
+
+Pure functions over run outputs (``runs/<variant>/seed<k>/metrics.json`` and
+``artifacts/predictions.csv``), then ``results/compare.json`` and CSV tables.
+
+Decision rule (Bouthillier et al., MLSys 2021): pair runs of A and B by seed; P(A > B) is the
+share of paired seeds A wins (ties count half) with a percentile-bootstrap interval; A is better
+only when the interval's lower bound is above 0.5 and its upper bound above 0.75 (worse: the
+mirror image). With fewer than ``min_seeds`` pairs no verdict is given ("not resolved at N
+seeds"): with 4 pairs even 4 wins out of 4 has a one-sided sign-test p of 1/16.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from metapool.io import atomic_path, atomic_write_text
+
+PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wherever shown
+    "pmpl_top1": 74.6,
+    "baseline_top1": 72.3,
+    "gain": 2.3,
+}
+
+
+@dataclass
+class CompareSettings:
+    confidence: float = 0.95
+    resamples: int = 10000
+    min_seeds: int = 5
+    seed: int = 0
+
+
+def load_runs(runs_dir: str | Path) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> metrics (with ``predictions`` as an int array [n, 2] when present)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for metrics_path in sorted(Path(runs_dir).glob("*/seed*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text())
+        pred_path = metrics_path.parent / "artifacts" / "predictions.csv"
+        if pred_path.is_file():
+            with pred_path.open() as fh:
+                rows = list(csv.DictReader(fh))
+            metrics["predictions"] = np.array([[int(r["label"]), int(r["pred"])] for r in rows])
+        seed = int(metrics_path.parent.name.removeprefix("seed"))
+        runs.setdefault(metrics_path.parent.parent.name, {})[seed] = metrics
+    return runs
+
+
+def bootstrap_ci(values, statistic=np.mean, cfg: CompareSettings = CompareSettings()) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``statistic``; NaNs when fewer than two values."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    if np.all(values == values[0]):
+        v = float(statistic(values))
+        return (v, v)
+    res = stats.bootstrap((values,), statistic, confidence_level=cfg.confidence,
+                          n_resamples=cfg.resamples, method="percentile",
+                          random_state=np.random.default_rng(cfg.seed))
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+def summarize(per_seed: dict[int, dict], cfg: CompareSettings = CompareSettings()) -> dict:
+    """Mean, sd and bootstrap interval of top-1 and top-5 over seeds."""
+    out = {"seeds": sorted(per_seed), "n": len(per_seed)}
+    for key in ("top1", "top5"):
+        vals = np.array([per_seed[s][key] for s in sorted(per_seed)], dtype=float)
+        lo, hi = bootstrap_ci(vals, cfg=cfg)
+        out[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1
+                    else math.nan, "ci": [lo, hi], "values": vals.tolist()}
+    return out
+
+
+def probability_of_improvement(a: np.ndarray, b: np.ndarray,
+                               cfg: CompareSettings = CompareSettings()) -> dict:
+    """P(A > B) over paired seeds, its bootstrap interval, and the verdict."""
+    wins = (a > b).astype(float) + 0.5 * (a == b)
+    p = float(wins.mean())
+    lo, hi = bootstrap_ci(wins, cfg=cfg)
+    n = len(wins)
+    if n < cfg.min_seeds or math.isnan(lo):
+        verdict = f"not resolved at {n} seeds"
+    elif lo > 0.5 and hi > 0.75:
+        verdict = "better"
+    elif hi < 0.5 and lo < 0.25:
+        verdict = "worse"
+    else:
+        verdict = f"not resolved at {n} seeds"
+    return {"p": p, "ci": [lo, hi], "verdict": verdict}
+
+
+def mcnemar_exact(labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict:
+    """Exact McNemar test on per-image correctness of A and B (same images, same order)."""
+    ca, cb = pred_a == labels, pred_b == labels
+    table = [[int(np.sum(ca & cb)), int(np.sum(ca & ~cb))],
+             [int(np.sum(~ca & cb)), int(np.sum(~ca & ~cb))]]
+    result = mcnemar(table, exact=True)
+    return {"a_only": table[0][1], "b_only": table[1][0], "pvalue": float(result.pvalue)}
+
+
+def compare_pair(a: dict[int, dict], b: dict[int, dict],
+                 cfg: CompareSettings = CompareSettings()) -> dict:
+    """A against B: difference of top-1 with interval, seed-level test, McNemar, P(A > B)."""
+    paired = sorted(set(a) & set(b))
+    out: dict = {"paired_seeds": paired}
+    if len(paired) >= 1 and len(paired) == len(a) == len(b):
+        da = np.array([a[s]["top1"] for s in paired])
+        db = np.array([b[s]["top1"] for s in paired])
+        diff = da - db
+        out["test"] = "paired t"
+        out["test_pvalue"] = (float(stats.ttest_rel(da, db).pvalue)
+                              if len(paired) > 1 and np.any(diff != diff[0]) else math.nan)
+        out["prob_improvement"] = probability_of_improvement(da, db, cfg)
+    else:
+        da = np.array([a[s]["top1"] for s in sorted(a)])
+        db = np.array([b[s]["top1"] for s in sorted(b)])
+        diff = None
+        out["test"] = "welch t"
+        out["test_pvalue"] = (float(stats.ttest_ind(da, db, equal_var=False).pvalue)
+                              if len(da) > 1 and len(db) > 1 else math.nan)
+        out["prob_improvement"] = {"p": math.nan, "ci": [math.nan, math.nan],
+                                   "verdict": "not resolved: seeds do not pair"}
+    out["diff_top1"] = float(da.mean() - db.mean())
+    out["diff_ci"] = list(bootstrap_ci(diff, cfg=cfg)) if diff is not None else [math.nan, math.nan]
+    per_seed, pooled = [], {"a_only": 0, "b_only": 0}
+    for s in paired:
+        pa, pb = a[s].get("predictions"), b[s].get("predictions")
+        if pa is None or pb is None or len(pa) != len(pb) or not np.array_equal(pa[:, 0], pb[:, 0]):
+            continue
+        m = mcnemar_exact(pa[:, 0], pa[:, 1], pb[:, 1])
+        per_seed.append({"seed": s, **m})
+        pooled["a_only"] += m["a_only"]
+        pooled["b_only"] += m["b_only"]
+    out["mcnemar_per_seed"] = per_seed
+    if per_seed:
+        n = pooled["a_only"] + pooled["b_only"]
+        pooled["pvalue"] = float(stats.binomtest(pooled["a_only"], n, 0.5).pvalue) if n else 1.0
+    else:
+        pooled["pvalue"] = math.nan
+    out["mcnemar_pooled"] = pooled  # exact McNemar on discordant pairs summed over seeds
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-corrected p-values (NaNs stay NaN)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    out = [math.nan] * len(pvalues)
+    if idx:
+        corrected = multipletests([pvalues[i] for i in idx], method="holm")[1]
+        for i, p in zip(idx, corrected, strict=True):
+            out[i] = float(p)
+    return out
+
+
+def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]]) -> list[tuple[str, str]]:
+    """Every variant against the baseline of its backbone (same recipe), plus ``extra`` pairs."""
+    baselines = {}
+    for v, seeds in runs.items():
+        m = next(iter(seeds.values()))
+        if m["mode"] == "baseline":
+            baselines[(m["backbone"], m["recipe"])] = v
+    pairs = []
+    for v, seeds in sorted(runs.items()):
+        m = next(iter(seeds.values()))
+        base = baselines.get((m["backbone"], m["recipe"]))
+        if m["mode"] != "baseline" and base:
+            pairs.append((v, base))
+    pairs += [(a, b) for a, b in extra if a in runs and b in runs and (a, b) not in pairs]
+    return pairs
+
+
+def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
+                cfg: CompareSettings = CompareSettings()) -> dict:
+    variants = {v: summarize(seeds, cfg) for v, seeds in runs.items()}
+    comparisons = []
+    for a, b in default_pairs(runs, extra_pairs):
+        comparisons.append({"a": a, "b": b, **compare_pair(runs[a], runs[b], cfg)})
+    for key, name in (("test_pvalue", "test_pvalue_holm"),):
+        for c, p in zip(comparisons, holm([c[key] for c in comparisons]), strict=True):
+            c[name] = p
+    for c, p in zip(comparisons, holm([c["mcnemar_pooled"]["pvalue"] for c in comparisons]),
+                    strict=True):
+        c["mcnemar_pooled"]["pvalue_holm"] = p
+    return {"variants": variants, "comparisons": comparisons,
+            "paper_gap": paper_gap(runs, variants), "cost": cost_table(runs),
+            "settings": cfg.__dict__}
+
+
+def _context(runs: dict[str, dict[int, dict]]) -> dict:
+    any_run = next(iter(next(iter(runs.values())).values()))
+    return {k: any_run.get(k) for k in ("dataset", "recipe", "img_size", "epochs")}
+
+
+def paper_gap(runs: dict[str, dict[int, dict]], variants: dict) -> list[dict]:
+    """The paper's claims next to what this run measured, labelled with the setting."""
+    ctx = _context(runs)
+    label = (f"dataset={ctx['dataset']}, recipe={ctx['recipe']}, {ctx['img_size']}px, "
+             f"{ctx['epochs']} epochs")
+    rows = []
+    for claim, variant, paper in (("MobileNetV2 + Meta-Pooling, top-1", "pmpl", PAPER_CLAIMS["pmpl_top1"]),
+                                  ("MobileNetV2 baseline, top-1", "baseline", PAPER_CLAIMS["baseline_top1"])):
+        if variant in variants:
+            v = variants[variant]
+            rows.append({"claim": claim, "paper": paper, "measured": v["top1"]["mean"],
+                         "ci": v["top1"]["ci"], "seeds": v["n"], "setting": label})
+    if "pmpl" in runs and "baseline" in runs:
+        c = compare_pair(runs["pmpl"], runs["baseline"])
+        rows.append({"claim": "gain of Meta-Pooling over MobileNetV2 (points)",
+                     "paper": PAPER_CLAIMS["gain"], "measured": c["diff_top1"], "ci": c["diff_ci"],
+                     "seeds": len(c["paired_seeds"]), "setting": label})
+    for r in rows:
+        r["note"] = ("paper: ImageNet-1k, 224px, its own recipe; measured: " + label +
+                     ("" if ctx["dataset"] == "imagenet" else " - NOT comparable in absolute terms"))
+    return rows
+
+
+def cost_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """Params, MACs, latency, training time and throughput per variant (means over seeds)."""
+    rows = []
+    base_time = {}
+    for v, seeds in runs.items():
+        ms = list(seeds.values())
+        row = {"variant": v, "mode": ms[0]["mode"], "backbone": ms[0]["backbone"],
+               "params": int(np.mean([m["params"] for m in ms])),
+               "macs_224": int(np.mean([m["macs_224"] for m in ms])),
+               "cpu_latency_ms_224": float(np.mean([m["cpu_latency_ms_224"] for m in ms])),
+               "train_seconds": float(np.mean([m["train_seconds"] for m in ms])),
+               "train_images_per_s": float(np.mean([m["train_images_per_s"] for m in ms]))}
+        rows.append(row)
+        if row["mode"] == "baseline":
+            base_time[row["backbone"]] = row["train_seconds"]
+    for row in rows:
+        b = base_time.get(row["backbone"])
+        row["train_time_vs_baseline"] = row["train_seconds"] / b if b else math.nan
+    return rows
+
+
+def _flat_comparisons(result: dict) -> list[dict]:
+    rows = []
+    for c in result["comparisons"]:
+        rows.append({"a": c["a"], "b": c["b"], "paired_seeds": len(c["paired_seeds"]),
+                     "diff_top1": c["diff_top1"], "diff_ci_low": c["diff_ci"][0],
+                     "diff_ci_high": c["diff_ci"][1], "test": c["test"],
+                     "test_pvalue": c["test_pvalue"], "test_pvalue_holm": c["test_pvalue_holm"],
+                     "mcnemar_a_only": c["mcnemar_pooled"]["a_only"],
+                     "mcnemar_b_only": c["mcnemar_pooled"]["b_only"],
+                     "mcnemar_pvalue": c["mcnemar_pooled"]["pvalue"],
+                     "mcnemar_pvalue_holm": c["mcnemar_pooled"].get("pvalue_holm"),
+                     "p_a_better": c["prob_improvement"]["p"],
+                     "p_ci_low": c["prob_improvement"]["ci"][0],
+                     "p_ci_high": c["prob_improvement"]["ci"][1],
+                     "verdict": c["prob_improvement"]["verdict"]})
+    return rows
+
+
+def _flat_variants(result: dict) -> list[dict]:
+    return [{"variant": v, "seeds": s["n"], "top1_mean": s["top1"]["mean"], "top1_sd": s["top1"]["sd"],
+             "top1_ci_low": s["top1"]["ci"][0], "top1_ci_high": s["top1"]["ci"][1],
+             "top5_mean": s["top5"]["mean"], "top5_ci_low": s["top5"]["ci"][0],
+             "top5_ci_high": s["top5"]["ci"][1]} for v, s in result["variants"].items()]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_results(result: dict, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
+    _write_csv(out / "variants.csv", _flat_variants(result))
+    _write_csv(out / "comparisons.csv", _flat_comparisons(result))
+    _write_csv(out / "paper_gap.csv", [{**r, "ci": json.dumps(r["ci"])} for r in result["paper_gap"]])
+    _write_csv(out / "cost.csv", result["cost"])
+
+
+def run_compare(runs_dir: str | Path, out_dir: str | Path, extra_pairs: list[list[str]],
+                cfg: CompareSettings) -> dict:
+    runs = load_runs(runs_dir)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
+    result = compare_all(runs, extra_pairs, cfg)
+    write_results(result, out_dir)
+    return result

@@ -1,0 +1,119 @@
+"""Statistics against known results; the ERF on a network with a known receptive field."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+import metapool  # noqa: F401
+from experiments.compare import (
+    CompareSettings,
+    bootstrap_ci,
+    compare_pair,
+    holm,
+    mcnemar_exact,
+    probability_of_improvement,
+    summarize,
+)
+from metapool.receptive_field import effective_rf, erf_extent, support_side, theoretical_rf
+
+FAST = CompareSettings(resamples=2000, min_seeds=5)
+
+
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    # 10 images: A alone right on 1, B alone right on 6 -> exact two-sided p = 2 * P(X <= 1),
+    # X ~ Binomial(7, 1/2) = 2 * (1 + 7) / 128 = 0.125
+    labels = np.zeros(10, dtype=int)
+    a_correct = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
+    b_correct = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    pred_a, pred_b = np.where(a_correct, 0, 1), np.where(b_correct, 0, 1)
+    result = mcnemar_exact(labels, pred_a, pred_b)
+    assert (result["a_only"], result["b_only"]) == (1, 6)
+    assert result["pvalue"] == pytest.approx(0.125)
+
+
+def test_holm_matches_a_worked_example():
+    # p = (0.01, 0.04, 0.03): sorted 0.01*3=0.03, 0.03*2=0.06, max(0.06, 0.04*1)=0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    corrected = holm([0.2, math.nan])
+    assert corrected[0] == pytest.approx(0.2) and math.isnan(corrected[1])
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(70, 1, 5), rng.normal(70, 1, 200)
+    lo_s, hi_s = bootstrap_ci(small, cfg=FAST)
+    lo_l, hi_l = bootstrap_ci(large, cfg=FAST)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < hi_s - lo_s
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0], cfg=FAST))
+
+
+def test_decision_rule():
+    a, b = np.arange(8, dtype=float) + 1, np.arange(8, dtype=float)
+    assert probability_of_improvement(a, b, FAST)["verdict"] == "better"
+    assert probability_of_improvement(b, a, FAST)["verdict"] == "worse"
+    assert probability_of_improvement(a[:3], b[:3], FAST)["verdict"] == "not resolved at 3 seeds"
+    mixed = probability_of_improvement(np.array([1, 0, 1, 0, 1, 0.0]), np.full(6, 0.5), FAST)
+    assert mixed["p"] == 0.5 and mixed["verdict"] == "not resolved at 6 seeds"
+
+
+def _runs(top1s, preds):
+    return {s: {"top1": t, "top5": 100.0, "predictions": p}
+            for s, (t, p) in enumerate(zip(top1s, preds, strict=True))}
+
+
+def test_compare_pair_paired_test_and_pooled_mcnemar():
+    labels = np.zeros(20, dtype=int)
+    def preds(n_right):
+        return np.stack([labels, np.where(np.arange(20) < n_right, 0, 1)], axis=1)
+    a = _runs([60.0, 55.0, 70.0], [preds(12), preds(11), preds(14)])
+    b = _runs([50.0, 50.0, 60.0], [preds(10), preds(10), preds(12)])
+    out = compare_pair(a, b, FAST)
+    assert out["test"] == "paired t"
+    from scipy import stats
+    assert out["test_pvalue"] == pytest.approx(stats.ttest_rel([60, 55, 70], [50, 50, 60]).pvalue)
+    assert out["diff_top1"] == pytest.approx(25 / 3)
+    assert out["mcnemar_pooled"]["a_only"] == 2 + 1 + 2 and out["mcnemar_pooled"]["b_only"] == 0
+    assert out["mcnemar_pooled"]["pvalue"] == pytest.approx(2 * 0.5 ** 5)
+    unpaired = compare_pair(a, {7: b[0], 8: b[1]}, FAST)
+    assert unpaired["test"] == "welch t"
+    summary = summarize(a, FAST)
+    assert summary["n"] == 3 and summary["top1"]["mean"] == pytest.approx(185 / 3)
+
+
+class ConvStack(nn.Module):
+    """n 3x3 convs, stride 1, no padding tricks: receptive field 2n+1."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(n)])
+        for conv in self.layers:
+            nn.init.constant_(conv.weight, 1.0 / 9)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_erf_support_equals_the_theoretical_receptive_field(n):
+    net = ConvStack(n)
+    erf = effective_rf(net, torch.randn(4, 1, 31, 31), "layers")
+    assert support_side(erf) == (2 * n + 1, 2 * n + 1)
+    assert erf_extent(erf, 1.0) == 2 * n + 1
+    assert erf_extent(erf, 0.5) < 2 * n + 1 or n == 1
+
+
+def test_theoretical_rf_grows_with_pooling_enhancers():
+    base = theoretical_rf(timm.create_model("mobilenetv2_100"), 224)
+    pooled = theoretical_rf(timm.create_model("metapool_mobilenetv2_100", fixed_op="max_pool_7x7"), 224)
+    strip = theoretical_rf(timm.create_model("metapool_mobilenetv2_100", fixed_op="strip_pool"), 224)
+    assert [r["layer"] for r in base] == [r["layer"] for r in pooled]
+    assert base[0]["rf"] == 3 and base[1]["rf"] == 3 + 2 * 2  # stem 3x3/2, then dw 3x3
+    assert all(p["rf"] >= b["rf"] for p, b in zip(pooled, base, strict=True))
+    assert pooled[2]["rf"] > base[2]["rf"]
+    assert strip[2]["rf"] == 224  # a strip gate sees whole rows and columns
