@@ -398,7 +398,7 @@ class Trainer:
                 self._sync_ema_enhancers()
             if self.ema is not None:
                 self.ema.update(self.net, step=self.global_step)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             n_batches += 1
             images += x.shape[0] * self.dist.world_size
             if stop.signum is not None:

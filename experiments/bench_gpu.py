@@ -1,0 +1,100 @@
+"""GPU benchmark: training images/s and peak memory of baseline and PMPL steps.
+
+    python -m experiments.bench_gpu                      # 224px, batch 256, bf16, channels_last
+    python -m experiments.bench_gpu --device cpu --img-size 64 --batch 8 --steps 2   # smoke
+
+Synthetic tensors (no data loader in the measurement). Rows: timm's own ``mobilenetv2_100``
+step, this suite's baseline (same architecture, torchvision init), the searchable PMPL step
+(first order), and the adapted (fixed genotype) model; each eager and with ``torch.compile``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import metapool  # noqa: F401
+from metapool.models import build_model
+from metapool.pmpl import PMPLConfig, ProgressiveMetaPooling
+
+
+def _measure(step, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def bench(name: str, model: torch.nn.Module, pmpl: bool, args, compile_model: bool) -> dict:
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    fwd = torch.compile(model) if compile_model else model
+    if pmpl:
+        search = ProgressiveMetaPooling(model, PMPLConfig(), F.cross_entropy)
+        search.model = fwd  # the support pass through the compiled module
+        opt = torch.optim.SGD(search.weight_parameters(), lr=1e-4, momentum=0.9)
+
+        def step():
+            with autocast:
+                search.step((x, y), (x, y), epoch=0)
+            opt.step()
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+    seconds, peak = _measure(step, device, args.steps, args.warmup)
+    return {"model": name, "compile": compile_model, "img_size": args.img_size,
+            "batch": args.batch, "images_per_s": round(args.batch / seconds, 1),
+            "step_ms": round(seconds * 1000, 2), "peak_mem_gib": round(peak, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    modes = [False] if args.no_compile else [False, True]
+    fixed = {"fixed_op": "strip_pool"}
+    rows = []
+    for compile_model in modes:
+        for name, make, pmpl in (
+            ("timm mobilenetv2_100", lambda: timm.create_model("mobilenetv2_100"), False),
+            ("metapool baseline", lambda: build_model("mobilenetv2_100", "none"), False),
+            ("metapool PMPL search step", lambda: build_model("mobilenetv2_100", "search"), True),
+            ("metapool adapted (strip_pool everywhere)",
+             lambda: build_model("mobilenetv2_100", "fixed", **fixed), False),
+        ):
+            row = bench(name, make(), pmpl, args, compile_model)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

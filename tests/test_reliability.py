@@ -1,0 +1,112 @@
+"""Parameter validation, atomic writes and a full disk."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.config import load_params, parse_params
+from metapool.io import atomic_path, atomic_write_text
+from tests.helpers import REPO, metapool
+
+
+def _params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.recipe == "default" and {"paper", "standard"} <= set(params.recipes)
+    assert set(params.stages["plain"]) | set(params.stages["search"]) <= set(params.variants)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("pmpl.innerlr=0.1", r"unknown key pmpl.innerlr \(did you mean 'inner_lr'\?\)"),
+    ("pmpl.candidates=[skip,max_pool_9x9]", "unknown candidate op 'max_pool_9x9'"),
+    ("pmpl.threshold=1.5", r"pmpl.threshold=1.5 must lie in \(0, 1\]"),
+    ("pmpl.threshold=0", r"pmpl.threshold=0.0 must lie in \(0, 1\]"),
+    ("pmpl.meta_split=1.0", r"pmpl.meta_split=1.0 is invalid: must lie in \(0, 1\)"),
+    ("pmpl.inner_lr=-0.01", "pmpl.inner_lr=-0.01 must be >= 0"),
+    ("recipes.default.lr=-0.1", "recipes.default.lr=-0.1 is invalid: a learning rate must be > 0"),
+    ("model.backbone=vgg16", "model.backbone='vgg16' is invalid: choose from mobilenetv2_100"),
+    ("data.imagenet_root=/nonexistent/imagenet", "data.imagenet_root='/nonexistent/imagenet' is invalid: no such folder"),
+    ("recipe=fast", "recipe='fast' is invalid: choose from default, paper, standard"),
+    ("variants.pmpl.pmpl={stop_rule: magic}", "pmpl.stop_rule='magic': choose from"),
+    ("stages.search=[pmpl,nope]", "stages.search='nope' is invalid: unknown variant"),
+])
+def test_bad_parameters_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_wrong_types_are_reported():
+    data = _params()
+    data["recipes"]["default"]["epochs"] = "many"
+    with pytest.raises(ValueError, match="recipes.default.epochs='many' is invalid: expected int"):
+        parse_params(data)
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--variant", "baseline", "--set", "pmpl.threshold=2"],
+    ["data", "prepare", "--out", "/tmp/never", "--set", "pmpl.threshold=2"],
+    ["compare", "--set", "pmpl.threshold=2"],
+])
+def test_every_entry_point_validates_first(args):
+    proc = metapool(*args, "--params", str(REPO / "params.yaml"), check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "pmpl.threshold=2.0 must lie in (0, 1]" in lines[0]
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    proc = metapool("train", "--params", str(REPO / "params.yaml"), "--variant", "baseline",
+                    "--set", f"data.out_dir={tmp_path / 'nothing'}", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "prepared dataset" in proc.stderr and "metapool data prepare" in proc.stderr
+
+
+def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text("old and complete")
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="no space left on device while writing .*metrics.json: free disk"):
+        atomic_write_text(target, "new")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert target.read_text() == "old and complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_checkpoint_write_failure_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from experiments.checkpoint import Checkpoints
+
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save({"epoch": 0}, 0)
+
+    def enospc(obj, f, *a, **k):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(OSError, match="no space left on device"):
+        ckpts.save({"epoch": 1}, 1)
+    monkeypatch.undo()
+    state, path = ckpts.load_latest()
+    assert state == {"epoch": 0} and path.name == "ckpt_epoch0000.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_epoch0000.pt"]
+
+
+def test_exception_inside_atomic_path_removes_the_temporary(tmp_path):
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "x.beton") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
