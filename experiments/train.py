@@ -172,7 +172,15 @@ class Trainer:
                     device=str(self.device))
         train_cfg = LoaderConfig(**base, distributed=self.dist.enabled)
         val_cfg = LoaderConfig(**{**base, "batch_size": max(1, r.batch_size // world)})
-        meta_cfg = LoaderConfig(**{**base, "seed": self.spec.seed + 7919},
+        # Query batches: never larger than the meta split allows, always full (a batch of one
+        # image cannot train BatchNorm).
+        meta_images = self.data_report["images"][
+            "val" if self.pmpl_params.meta_source == "val" else "meta"] // world
+        if self.spec.mode == "pmpl" and meta_images < 2:
+            raise ValueError(f"the meta split has {meta_images} images per process, too few for "
+                             "a query batch: raise pmpl.meta_split or use more images")
+        meta_cfg = LoaderConfig(**{**base, "seed": self.spec.seed + 7919,
+                                   "batch_size": max(2, min(r.batch_size // world, meta_images))},
                                 distributed=self.dist.enabled)
         if r.randaugment and p.data.loader.backend == "ffcv":
             raise ValueError(f"recipes.{p.recipe}.randaugment={r.randaugment!r} needs the "
@@ -181,7 +189,7 @@ class Trainer:
             self.train_data = ffcv_stream(str(data_dir / "train.beton"), True, train_cfg)
             self.val_data = ffcv_stream(str(data_dir / "val.beton"), False, val_cfg)
             meta_file = "val.beton" if self.pmpl_params.meta_source == "val" else "meta.beton"
-            self.meta_data = (ffcv_stream(str(data_dir / meta_file), True, meta_cfg, drop_last=False)
+            self.meta_data = (ffcv_stream(str(data_dir / meta_file), True, meta_cfg, drop_last=True)
                               if self.spec.mode == "pmpl" else None)
         else:
             from data_pipelines.manifest import meta_holdout, read_manifest
@@ -193,7 +201,7 @@ class Trainer:
             self.train_data = torchvision_stream(train, True, train_cfg)
             self.val_data = torchvision_stream(val, False, val_cfg)
             meta_records = val if self.pmpl_params.meta_source == "val" else meta
-            self.meta_data = (torchvision_stream(meta_records, True, meta_cfg, drop_last=False)
+            self.meta_data = (torchvision_stream(meta_records, True, meta_cfg, drop_last=True)
                               if self.spec.mode == "pmpl" else None)
         torch.set_num_threads(p.train.threads)
 
@@ -219,6 +227,10 @@ class Trainer:
             # set of parameters with gradients changes mid-run: PMPL needs unused-param search.
             self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
                              else None, find_unused_parameters=spec.mode == "pmpl")
+        if self.params.train.compile and self.device.type == "cuda":
+            # compiled forward for the main (support / plain) pass; PMPL's query and lookahead
+            # passes run the uncompiled module
+            self.model = torch.compile(self.model)
         self.loss_plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
@@ -423,7 +435,7 @@ class Trainer:
             last = self.ckpts.latest()
             where = f"last good checkpoint: {last}" if last else "no checkpoint yet"
             raise FloatingPointError(
-                f"loss is {float(loss)} at epoch {epoch} step {step} of {self.spec.out} ({where}): "
+                f"loss is {float(loss.detach())} at epoch {epoch} step {step} of {self.spec.out} ({where}): "
                 "lower the learning rate (or enable recipes.*.clip_grad) and rerun to resume")
 
     @torch.no_grad()

@@ -13,12 +13,13 @@ from pathlib import Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
 
-    The temporary name starts with '.' and ends in '.tmp', so nothing that globs for the real
-    name ever sees a partial file.
+    The temporary name is hidden (a leading '.') and holds '.tmp' before the real suffix (tools
+    such as papermill check it), so nothing that globs for the real name sees a partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -91,7 +91,10 @@ class _History:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 class ProgressiveMetaPooling:
@@ -166,7 +169,8 @@ class ProgressiveMetaPooling:
 
     def after_step(self, epoch: int) -> list[FreezeEvent]:
         """Apply the stopping rule to every searching layer; record alpha history."""
-        if self.global_step % max(1, self.cfg.history_every) == 0 and self.active:
+        if self.active and (self.global_step == 1
+                            or self.global_step % max(1, self.cfg.history_every) == 0):
             self._record(epoch)
         frozen: list[FreezeEvent] = []
         if self.cfg.stop_rule == "none":
@@ -195,6 +199,8 @@ class ProgressiveMetaPooling:
 
     def finalize(self, epoch: int, reason: str = "end_of_training") -> list[FreezeEvent]:
         """Freeze every layer still searching (deadline policy); used at the deadline/end."""
+        if self.active and (not self.history.steps or self.history.steps[-1] != self.global_step):
+            self._record(epoch)  # the probabilities the deadline decided on
         events = []
         for name, module in self.layers:
             if module.frozen:

@@ -202,7 +202,7 @@ def test_interrupted_write_leaves_no_complete_looking_file(tmp_path, monkeypatch
     monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", crash)
     with pytest.raises(KeyboardInterrupt):
         write_betons(records, out, WriterConfig(workers=1))
-    assert list(out.glob("*.beton")) == [] and list(out.glob(".*tmp")) == []
+    assert list(out.glob("*.beton")) == [] and list(out.glob(".*")) == []
     assert not (out / "report.json").exists()
 
 

@@ -183,7 +183,7 @@ def test_state_dict_round_trip(tiny_batches):
         s.step(support, query, epoch=0)
     for a, b in zip(search.alphas, search2.alphas, strict=True):
         torch.testing.assert_close(a, b)
-    assert search2.history.steps == [1, 2, 3]
+    assert search2.history.steps == [1, 2, 3]  # every step (history_every=1)
 
 
 def test_full_search_step_on_mobilenetv2():
