@@ -50,7 +50,7 @@ def main() -> None:
     for _ in range(args.epochs):
         rates["ffcv"].append(_epoch(ffcv))
         rates["torchvision"].append(_epoch(tv))
-    result = {"images": ffcv.num_samples, "img_size": args.img_size, "batch": args.batch,
+    result = {"images": int(ffcv.num_samples), "img_size": args.img_size, "batch": args.batch,
               "workers": args.workers,
               "ffcv_images_per_s": round(max(rates["ffcv"]), 1),
               "torchvision_images_per_s": round(max(rates["torchvision"]), 1)}

@@ -35,7 +35,7 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     return counter.get_total_flops() // 2  # the counter reports FLOPs = 2 x MACs
 
 
-def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 20, warmup: int = 5) -> float:
+def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 10, warmup: int = 3) -> float:
     """Median wall time of a batch-1 forward pass on the CPU, in milliseconds."""
     model.eval()
     x = torch.randn(1, 3, img_size, img_size)
