@@ -1,12 +1,14 @@
 """``metapool data prepare``: (generated default or ImageNet subset) -> manifest -> .beton files."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipelines.betons import WriterConfig, write_betons
 from data_pipelines.manifest import build_subset, write_manifest
 from data_pipelines.synthetic import generate
+from metapool.io import atomic_write_text
 
 
 @dataclass
@@ -19,9 +21,9 @@ class PrepareConfig:
     seed: int = 0
     # the generated default dataset (used when imagenet_root is empty)
     default_classes: int = 10
-    default_train_per_class: int = 200
+    default_train_per_class: int = 110
     default_val_per_class: int = 40
-    default_size: int = 48
+    default_size: int = 40
 
 
 def prepare(out: str | Path, cfg: PrepareConfig, writer: WriterConfig) -> dict:
@@ -42,8 +44,6 @@ def prepare(out: str | Path, cfg: PrepareConfig, writer: WriterConfig) -> dict:
     report = write_betons(records, out, writer)
     report["dataset"] = dataset
     report["root"] = str(root)
-    import json
 
-    from metapool.io import atomic_write_text
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report

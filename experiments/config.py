@@ -139,9 +139,9 @@ class ModelParams:
 @dataclass
 class DefaultData:
     classes: int = 10
-    train_per_class: int = 200
+    train_per_class: int = 110
     val_per_class: int = 40
-    size: int = 48
+    size: int = 40
 
 
 @dataclass
@@ -205,10 +205,9 @@ class TrainParams:
     sync_bn: bool = False
     channels_last: bool = True
     compile: bool = False
-    log_every: int = 50
 
     def validate(self) -> None:
-        for key in ("threads", "nproc", "nnodes", "log_every"):
+        for key in ("threads", "nproc", "nnodes"):
             _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import os
 import random
 import signal
@@ -545,7 +544,3 @@ def relaunch_with_torchrun(params: Params, argv: list[str]) -> int | None:
     import subprocess
 
     return subprocess.call(cmd)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
