@@ -22,7 +22,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from metapool.io import atomic_path, atomic_write_text
+from metapool.io import atomic_write_csv, atomic_write_text
 
 PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wherever shown
     "pmpl_top1": 74.6,
@@ -268,15 +268,6 @@ def _flat_variants(result: dict) -> list[dict]:
              "top5_ci_high": s["top5"]["ci"][1]} for v, s in result["variants"].items()]
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -291,10 +282,10 @@ def write_results(result: dict, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(_json_safe(result), indent=2) + "\n")
-    _write_csv(out / "variants.csv", _flat_variants(result))
-    _write_csv(out / "comparisons.csv", _flat_comparisons(result))
-    _write_csv(out / "paper_gap.csv", [{**r, "ci": json.dumps(r["ci"])} for r in result["paper_gap"]])
-    _write_csv(out / "cost.csv", result["cost"])
+    atomic_write_csv(out / "variants.csv", _flat_variants(result))
+    atomic_write_csv(out / "comparisons.csv", _flat_comparisons(result))
+    atomic_write_csv(out / "paper_gap.csv", [{**r, "ci": json.dumps(r["ci"])} for r in result["paper_gap"]])
+    atomic_write_csv(out / "cost.csv", result["cost"])
 
 
 def run_compare(runs_dir: str | Path, out_dir: str | Path, extra_pairs: list[list[str]],

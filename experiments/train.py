@@ -13,7 +13,6 @@ rerun resumes from the newest readable one).
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import random
@@ -34,7 +33,7 @@ from experiments.checkpoint import Checkpoints
 from experiments.config import Params, PMPLParams, Recipe
 from experiments.distributed import Dist, cleanup, init_distributed
 from metapool.genotype import Genotype
-from metapool.io import atomic_path, atomic_write_text
+from metapool.io import atomic_path, atomic_write_csv, atomic_write_text
 from metapool.models import build_model, enhancers, export_fixed
 from metapool.pmpl import ProgressiveMetaPooling
 
@@ -474,9 +473,9 @@ class Trainer:
                 self.search.finalize(self.recipe.epochs - 1)
                 self._sync_ema_enhancers()
             self.search.genotype().save(art / "genotype.json")
-            _write_csv(art / "alpha_history.csv", self.search.history_table(),
+            atomic_write_csv(art / "alpha_history.csv", self.search.history_table(),
                        ["step", "epoch", "layer", "candidate", "prob"])
-            _write_csv(art / "freeze_events.csv", [
+            atomic_write_csv(art / "freeze_events.csv", [
                 {"layer": e.layer, "ops": "+".join(self.search.candidates[i] for i in e.ops),
                  "step": e.step, "epoch": e.epoch, "reason": e.reason,
                  "margin": _margin(e.probs)} for e in self.search.events],
@@ -484,7 +483,7 @@ class Trainer:
             final_net = export_fixed(copy.deepcopy(final_net))
         result = self.evaluate(final_net, predictions=True)
         preds = result.pop("predictions")
-        _write_csv(art / "predictions.csv",
+        atomic_write_csv(art / "predictions.csv",
                    [{"index": i, "label": int(t), "pred": int(p)} for i, (t, p) in enumerate(preds)],
                    ["index", "label", "pred"])
         cpu_net = copy.deepcopy(final_net).to("cpu").float().eval()
@@ -514,13 +513,6 @@ class Trainer:
 def _margin(probs: list[float]) -> float:
     top = sorted(probs, reverse=True)
     return top[0] - (top[1] if len(top) > 1 else 0.0)
-
-
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run_training(params: Params, spec: RunSpec, pmpl: PMPLParams) -> dict:

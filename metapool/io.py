@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import os
 import tempfile
@@ -45,3 +46,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV atomically; columns default to the first row's keys (no rows and
+    no columns: nothing is written)."""
+    if columns is None:
+        if not rows:
+            return
+        columns = list(rows[0])
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
