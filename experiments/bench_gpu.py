@@ -6,6 +6,10 @@
 Synthetic tensors (no data loader in the measurement). Rows: timm's own ``mobilenetv2_100``
 step, this suite's baseline (same architecture, torchvision init), the searchable PMPL step
 (first order), and the adapted (fixed genotype) model; each eager and with ``torch.compile``.
+
+With ``--estimate-gpus N`` it then measures the three steps again at each ImageNet recipe's
+per-GPU batch (``paper``, ``standard`` of ``params.yaml``) and prints the expected training time
+and GPU-hours of one run on N GPUs (see ``estimate_hours``).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import metapool  # noqa: F401
+from experiments.config import load_params
 from metapool.models import build_model
 from metapool.pmpl import PMPLConfig, ProgressiveMetaPooling
 
@@ -70,6 +75,30 @@ def bench(name: str, model: torch.nn.Module, pmpl: bool, args, compile_model: bo
             "step_ms": round(seconds * 1000, 2), "peak_mem_gib": round(peak, 2)}
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def estimate_hours(images_per_s: dict[str, float], epochs: int, deadline_epoch: int,
+                   gpus: int, meta_split: float,
+                   train_images: int = IMAGENET_TRAIN_IMAGES) -> dict[str, dict[str, float]]:
+    """Wall time and GPU-hours of one run from per-GPU training throughput.
+
+    ``images_per_s`` holds per-GPU images/s of the ``baseline``, ``search`` (PMPL step: support
+    and query pass) and ``adapted`` steps. Every variant trains its weights on the train split
+    minus the meta split; PMPL searches until ``deadline_epoch`` and trains the adapted model
+    after it. Assumes linear DDP scaling and a loader that keeps up (FFCV); evaluation excluded.
+    """
+    per_epoch = train_images * (1 - meta_split) / gpus  # images per GPU per epoch
+    search_epochs = min(deadline_epoch, epochs)
+    seconds = {
+        "baseline": epochs * per_epoch / images_per_s["baseline"],
+        "pmpl": (search_epochs * per_epoch / images_per_s["search"]
+                 + (epochs - search_epochs) * per_epoch / images_per_s["adapted"]),
+    }
+    return {k: {"hours": round(s / 3600, 2), "gpu_hours": round(gpus * s / 3600, 1)}
+            for k, s in seconds.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -78,22 +107,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--estimate-gpus", type=int, default=0,
+                    help="also estimate paper/standard run time on this many GPUs")
+    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     modes = [False] if args.no_compile else [False, True]
     fixed = {"fixed_op": "strip_pool"}
-    rows = []
+    steps = {  # name -> (model factory, PMPL step?)
+        "timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), False),
+        "baseline": (lambda: build_model("mobilenetv2_100", "none"), False),
+        "search": (lambda: build_model("mobilenetv2_100", "search"), True),
+        "adapted": (lambda: build_model("mobilenetv2_100", "fixed", **fixed), False),
+    }
     for compile_model in modes:
-        for name, make, pmpl in (
-            ("timm mobilenetv2_100", lambda: timm.create_model("mobilenetv2_100"), False),
-            ("metapool baseline", lambda: build_model("mobilenetv2_100", "none"), False),
-            ("metapool PMPL search step", lambda: build_model("mobilenetv2_100", "search"), True),
-            ("metapool adapted (strip_pool everywhere)",
-             lambda: build_model("mobilenetv2_100", "fixed", **fixed), False),
-        ):
-            row = bench(name, make(), pmpl, args, compile_model)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for name, (make, pmpl) in steps.items():
+            print(json.dumps(bench(name, make(), pmpl, args, compile_model)), flush=True)
+    if args.estimate_gpus:
+        params = load_params(args.params, [])
+        for recipe_name in ("paper", "standard"):
+            r = params.recipes[recipe_name]
+            run_args = argparse.Namespace(**{**vars(args), "img_size": r.img_size,
+                                             "batch": r.batch_size // args.estimate_gpus})
+            ips = {name: bench(name, steps[name][0](), steps[name][1], run_args,
+                               params.train.compile)["images_per_s"]
+                   for name in ("baseline", "search", "adapted")}
+            deadline = params.pmpl.deadline_epoch
+            deadline = r.deadline_epoch if deadline is None else deadline
+            print(json.dumps({"recipe": recipe_name, "gpus": args.estimate_gpus,
+                              "batch_per_gpu": run_args.batch, "epochs": r.epochs,
+                              "deadline_epoch": deadline, "images_per_s_per_gpu": ips,
+                              **estimate_hours(ips, r.epochs, deadline, args.estimate_gpus,
+                                               params.pmpl.meta_split)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ def _train(args: argparse.Namespace) -> None:
     params = load_params(args.params, args.set)
     spec, pmpl = resolve_run(params, args.variant, args.seed, args.out, args.mode, args.genotype,
                              args.checkpoints)
-    code = relaunch_with_torchrun(params, sys.argv[1:])
-    if code is not None:
-        if code:
-            raise SystemExit(code)
-        return
+    relaunch_with_torchrun(params, sys.argv[1:])  # returns only when no torchrun is needed
     metrics = run_training(params, spec, pmpl)
     if metrics:
         print(f"{spec.variant} seed {spec.seed}: top-1 {metrics['top1']:.2f}% "

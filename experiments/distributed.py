@@ -23,6 +23,14 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (e.g. a stop signal)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

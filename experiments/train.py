@@ -217,18 +217,11 @@ class Trainer:
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         if self.params.train.channels_last and self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.model = self.net
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Frozen enhancers stop using their other candidates' weights (and alpha), so the
-            # set of parameters with gradients changes mid-run: PMPL needs unused-param search.
-            self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
-                             else None, find_unused_parameters=spec.mode == "pmpl")
-        if self.params.train.compile and self.device.type == "cuda":
-            # compiled forward for the main (support / plain) pass; PMPL's query and lookahead
-            # passes run the uncompiled module
-            self.model = torch.compile(self.model)
+        # While PMPL searches, each freeze changes which parameters get gradients (a frozen
+        # enhancer stops using alpha and its dropped candidates), so DDP must look for unused
+        # parameters; once every layer is frozen the graph is static again (_end_search).
+        self.model = self._wrap(find_unused=spec.mode == "pmpl")
+        self._search_ended = False
         self.loss_plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
@@ -259,6 +252,37 @@ class Trainer:
             self.erasing = RandomErasing(r.reprob, mode="pixel", device=str(self.device))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if r.amp and self.device.type == "cuda" else nullcontext())
+
+    def _wrap(self, find_unused: bool) -> nn.Module:
+        """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
+        model = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
+                        else None, find_unused_parameters=find_unused)
+        if self.params.train.compile and self.device.type == "cuda":
+            # compiled forward for the main (support / plain) pass; PMPL's query and lookahead
+            # passes run the uncompiled module
+            model = torch.compile(model)
+        return model
+
+    def _end_search(self) -> None:
+        """After the last freeze: stop tracking dropped parameters, rebuild DDP without the
+        per-step unused-parameter traversal (every rank reaches this at the same step, since
+        alpha and the freezing decisions are identical on all ranks)."""
+        if self.search is None or self.search.active or self._search_ended:
+            return
+        self._search_ended = True
+        for _, module in enhancers(self.net):
+            for p in module.unused_parameters():
+                p.requires_grad_(False)
+        if self.dist.enabled:
+            self.model = self._wrap(find_unused=False)
+            self.search.model = self.model
+            if self.dist.is_main:
+                print(f"search ended at step {self.global_step}: DDP rebuilt with "
+                      "find_unused_parameters=False", flush=True)
 
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> str:
@@ -337,15 +361,18 @@ class Trainer:
             live = Live(str(self.out / "live"), resume=resumed is not None, dvcyaml=False,
                         save_dvc_exp=False)
             live.step = self.start_epoch
+        self._end_search()  # a run resumed after its search ended
         stop = _StopRequested()
         try:
             for epoch in range(self.start_epoch, self.recipe.epochs):
                 if self.search is not None:
                     self.search.on_epoch_start(epoch)
                     self._sync_ema_enhancers()
-                interrupted = self.train_one_epoch(epoch, stop)
-                if interrupted:
-                    return {}
+                    self._end_search()
+                if self.train_one_epoch(epoch, stop):
+                    # 128 + signal, as a shell reports a killed command: DVC and SLURM must
+                    # not take an interrupted stage for a finished one.
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
                 row = {"epoch": epoch, **self.last_train, **self.evaluate(self.net)}
                 if self.ema:
                     row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
@@ -406,15 +433,18 @@ class Trainer:
             self.scheduler.step_update(num_updates=self.global_step)
             if searching and self.search.after_step(epoch):
                 self._sync_ema_enhancers()
+                self._end_search()
             if self.ema is not None:
                 self.ema.update(self.net, step=self.global_step)
             loss_sum += float(loss.detach())
             n_batches += 1
             images += x.shape[0] * self.dist.world_size
-            if stop.signum is not None:
+            # every rank must stop after the same step, whichever got the signal first
+            if self.dist.any(stop.signum is not None):
                 if self.dist.is_main:
                     path = self.ckpts.save_interrupt(self.state_dict(epoch, step + 1))
-                    print(f"stopped by signal {stop.signum} at epoch {epoch} step {step + 1}; "
+                    print(f"stopped by signal {stop.signum or 'on another rank'} at epoch "
+                          f"{epoch} step {step + 1}; "
                           f"checkpoint {path}: rerun the same command to resume", flush=True)
                 return True
         self.scheduler.step(epoch + 1)
@@ -524,15 +554,19 @@ def run_training(params: Params, spec: RunSpec, pmpl: PMPLParams) -> dict:
         cleanup()
 
 
-def relaunch_with_torchrun(params: Params, argv: list[str]) -> int | None:
-    """When ``train.nproc``/``nnodes`` ask for it and we are not under torchrun, exec torchrun."""
+def relaunch_with_torchrun(params: Params, argv: list[str]) -> None:
+    """When ``train.nproc``/``nnodes`` ask for it and we are not under torchrun, become torchrun.
+
+    ``exec`` (not a child process) so that a SIGTERM from DVC, SLURM or the user reaches
+    torchrun, which forwards it to every rank.
+    """
     t = params.train
     if (t.nproc == 1 and t.nnodes == 1) or "LOCAL_RANK" in os.environ:
-        return None
+        return
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc}",
            f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}",
            f"--master_addr={t.master_addr}", f"--master_port={t.master_port}",
            "-m", "metapool.cli", *argv]
-    import subprocess
-
-    return subprocess.call(cmd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)

@@ -84,6 +84,13 @@ class MetaPoolEnhancer(_EnhancerBase):
         self.chosen_mask.copy_(mask)
         self._sync_chosen()
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """What a frozen enhancer no longer computes with: alpha and the dropped candidates."""
+        if not self._chosen:
+            return []
+        dropped = [op for i, op in enumerate(self.ops) if i not in self._chosen]
+        return [self.alpha, *(p for op in dropped for p in op.parameters())]
+
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         if self._chosen:
             out = self.ops[self._chosen[0]](x)

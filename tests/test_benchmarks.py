@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 
 import timm
 
 import metapool  # noqa: F401
 from experiments import bench_gpu, bench_step
+from tests.helpers import REPO, write_params
 
 
 def test_step_benchmark_reports_a_ratio():
@@ -21,3 +26,40 @@ def test_gpu_benchmark_runs_on_cpu():
     for pmpl, name in ((False, "mobilenetv2_100"), (True, "metapool_mobilenetv2_100")):
         row = bench_gpu.bench(name, timm.create_model(name), pmpl, args, compile_model=False)
         assert row["images_per_s"] > 0 and row["batch"] == 4
+
+
+def test_run_time_estimate_by_hand():
+    # 3.6M images, 20% held out, 2 GPUs -> 1.44M images per GPU per epoch
+    est = bench_gpu.estimate_hours({"baseline": 400.0, "search": 200.0, "adapted": 320.0},
+                                   epochs=10, deadline_epoch=2, gpus=2, meta_split=0.2,
+                                   train_images=3_600_000)
+    assert est["baseline"] == {"hours": 10.0, "gpu_hours": 20.0}  # 10 x 1.44M / 400 s
+    assert est["pmpl"] == {"hours": 14.0, "gpu_hours": 28.0}  # 2 x 1.44M/200 + 8 x 1.44M/320 s
+
+
+def test_gpu_benchmark_estimate_runs_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
+    small = {"img_size": 32, "batch_size": 8}
+    params = write_params(tmp_path / "params.yaml", tmp_path / "data", tmp_path / "runs",
+                          {"recipes": {"paper": small, "standard": small}})
+    monkeypatch.setattr(sys, "argv", ["bench_gpu", "--device", "cpu", "--img-size", "32",
+                                      "--batch", "4", "--steps", "1", "--warmup", "1",
+                                      "--no-compile", "--estimate-gpus", "2",
+                                      "--params", str(params)])
+    bench_gpu.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    estimates = {r["recipe"]: r for r in rows if "recipe" in r}
+    assert set(estimates) == {"paper", "standard"}
+    for r in estimates.values():
+        assert r["batch_per_gpu"] == 4
+        assert r["pmpl"]["hours"] > 0 and r["baseline"]["gpu_hours"] > 0
+
+
+def test_ddp_benchmark_runs_under_torchrun():
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+         "-m", "experiments.bench_ddp", "--img-size", "32", "--batch", "2", "--steps", "1",
+         "--blocks", "1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["world_size"] == 2 and row["find_unused_over_static"] > 0

@@ -1,15 +1,19 @@
-"""DDP on the CPU (gloo, 2 processes under torchrun) against a single process."""
+"""DDP on the CPU (gloo, 2 processes under torchrun): PMPL and plain steps against a single
+process, and the whole Trainer launched by `metapool train` with train.nproc=2."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, metapool, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +50,70 @@ def test_baseline_ddp_weights_match_one_process(tmp_path):
     for name, value in single["weights"].items():
         assert _close(ranks[0]["weights"][name], value), name
         assert ranks[0]["weights"][name] == ranks[1]["weights"][name]
+
+
+# ---------------------------------------------------------------- the Trainer under torchrun
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_ddp(tmp_path_factory):
+    """Tiny data and a PMPL run trained start to finish by `metapool train` with train.nproc=2."""
+    root = tmp_path_factory.mktemp("ddp_trainer")
+    params = write_params(root / "params.yaml", root / "data", root / "runs")
+    metapool("data", "prepare", "--params", str(params), "--out", str(root / "data"))
+    straight = root / "runs" / "straight"
+    proc = metapool(*_train_args(params, straight))
+    return root, params, straight, proc.stdout
+
+
+def _train_args(params: Path, out: Path) -> list[str]:
+    return ["train", "--params", str(params), "--variant", "pmpl", "--seed", "0", "--out", str(out),
+            "--set", "train.nproc=2", "--set", "train.threads=1", "--set", "train.master_port=29531",
+            "--set", f"recipes.default.epochs={EPOCHS}"]
+
+
+def test_pmpl_training_under_torchrun_writes_its_outputs_once(tiny_ddp):
+    _, _, out, stdout = tiny_ddp
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith('{"epoch"')]
+    assert len(epoch_lines) == EPOCHS  # printed by rank 0 only
+    assert stdout.count("DDP rebuilt with find_unused_parameters=False") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs"] == EPOCHS
+    geno = json.loads((out / "artifacts" / "genotype.json").read_text())
+    assert len(geno["layers"]) == 16 and all(layer["ops"] for layer in geno["layers"])
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())  # the newest few are kept
+    assert names and all(n.startswith("ckpt_epoch") for n in names)  # no temporaries, no interrupt
+    assert names[-1] == f"ckpt_epoch{EPOCHS - 1:04d}.pt"
+    with (out / "live" / "plots" / "metrics" / "top1.tsv").open() as fh:
+        assert len(fh.read().splitlines()) == EPOCHS + 1  # header + one row per epoch, one writer
+
+
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_to_the_same_result(tiny_ddp):
+    root, params, straight, _ = tiny_ddp
+    killed = root / "runs" / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metapool.cli", *_train_args(params, killed)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "ckpt_epoch0000.pt").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # `metapool train` has become torchrun (exec)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out  # an interrupted stage must not look finished
+    assert out.count("stopped by signal") == 1, out
+    assert (killed / "checkpoints" / "ckpt_interrupt.pt").exists()
+    assert not (killed / "metrics.json").exists()
+    resumed = metapool(*_train_args(params, killed))
+    assert "resuming" in resumed.stdout
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in ("top1", "top5", "val_loss"):
+        assert a[key] == b[key], key
+    assert (straight / "artifacts" / "genotype.json").read_text() == \
+        (killed / "artifacts" / "genotype.json").read_text()
+    assert (straight / "artifacts" / "predictions.csv").read_text() == \
+        (killed / "artifacts" / "predictions.csv").read_text()

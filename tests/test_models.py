@@ -98,6 +98,16 @@ def test_frozen_enhancer_does_not_run_other_candidates():
     assert calls == [2, 5]
 
 
+def test_unused_parameters_are_exactly_those_without_gradient_after_freezing():
+    enh = MetaPoolEnhancer(8)
+    assert enh.unused_parameters() == []  # searching: everything is used
+    enh.freeze([0, 3])  # skip + max_pool_5x5: strip_pool's weights and alpha drop out
+    enh(torch.randn(2, 8, 4, 4)).sum().backward()
+    no_grad = {id(p) for p in enh.parameters() if p.grad is None}
+    assert {id(p) for p in enh.unused_parameters()} == no_grad
+    assert no_grad == {id(enh.alpha), *(id(p) for p in enh.ops[1].parameters())}
+
+
 def test_export_fixed_keeps_outputs_and_drops_unused_parameters():
     torch.manual_seed(0)
     model = timm.create_model("metapool_mobilenetv2_100", num_classes=10).eval()
