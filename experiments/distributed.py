@@ -31,6 +31,16 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def same_everywhere(self, values: list[int]) -> bool:
+        """True when every rank holds the same ``values``."""
+        if not self.enabled:
+            return True
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        low, high = t.clone(), t.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return bool(torch.equal(low, high))
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

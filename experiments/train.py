@@ -352,6 +352,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         resumed = self.resume()
+        if not self.dist.same_everywhere([self.start_epoch, self.skip_steps, self.global_step]):
+            # DDP does not re-broadcast weights after construction: ranks resuming from
+            # different points would train different models and average their gradients.
+            raise FileNotFoundError(
+                f"rank {self.dist.rank} would resume at epoch {self.start_epoch} step "
+                f"{self.skip_steps} ({resumed or 'no checkpoint'}) but other ranks would not: "
+                f"put {self.ckpts.folder} on a filesystem every node sees (or --checkpoints DIR)")
         if resumed and self.dist.is_main:
             print(f"resuming {self.spec.out} from {resumed} (epoch {self.start_epoch})", flush=True)
         live = None
@@ -558,12 +565,12 @@ def relaunch_with_torchrun(params: Params, argv: list[str]) -> None:
     """When ``train.nproc``/``nnodes`` ask for it and we are not under torchrun, become torchrun.
 
     ``exec`` (not a child process) so that a SIGTERM from DVC, SLURM or the user reaches
-    torchrun, which forwards it to every rank.
+    torchrun's agent (``experiments.launch``), which forwards it to every rank.
     """
     t = params.train
     if (t.nproc == 1 and t.nnodes == 1) or "LOCAL_RANK" in os.environ:
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc}",
+    cmd = [sys.executable, "-m", "experiments.launch", f"--nproc_per_node={t.nproc}",
            f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}",
            f"--master_addr={t.master_addr}", f"--master_port={t.master_port}",
            "-m", "metapool.cli", *argv]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,8 +105,9 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_to_the_same_result(
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # `metapool train` has become torchrun (exec)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, out  # an interrupted stage must not look finished
-    assert out.count("stopped by signal") == 1, out
+    assert proc.returncode == 128 + signal.SIGTERM, out  # an interrupted stage must not look finished
+    assert len(re.findall(r"^stopped by signal 15 at epoch", out, re.M)) == 1, out  # rank 0
+    assert "metapool train: stopped by signal 15" in out and "Traceback" not in out, out
     assert (killed / "checkpoints" / "ckpt_interrupt.pt").exists()
     assert not (killed / "metrics.json").exists()
     resumed = metapool(*_train_args(params, killed))
@@ -117,3 +120,48 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_to_the_same_result(
         (killed / "artifacts" / "genotype.json").read_text()
     assert (straight / "artifacts" / "predictions.csv").read_text() == \
         (killed / "artifacts" / "predictions.csv").read_text()
+
+
+def test_two_nodes_of_one_process_match_one_node_of_two(tiny_ddp):
+    """train.nnodes/node_rank/master_*: two `metapool train` commands (one per "node", here on
+    one machine) form one world of 2 and compute exactly what 2 processes on one node do."""
+    root, params, straight, _ = tiny_ddp
+    out = root / "runs" / "two-nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
+         "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
+         "--set", "train.master_addr=127.0.0.1", "--set", "train.master_port=29533"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert "top-1" in logs[0] and "top-1" not in logs[1]  # rank 0 (node 0) alone reports
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert b["world_size"] == 2
+    for key in ("top1", "top5", "val_loss"):
+        assert a[key] == b[key], key
+    assert (straight / "artifacts" / "genotype.json").read_text() == \
+        (out / "artifacts" / "genotype.json").read_text()
+
+
+def test_nodes_that_would_resume_from_different_checkpoints_refuse_to_start(tiny_ddp):
+    """Checkpoints not on a shared filesystem: node 0 finds one, node 1 does not -> a clear
+    error on both, instead of two ranks silently training different weights."""
+    root, params, straight, _ = tiny_ddp
+    out = root / "runs" / "unshared"
+    shutil.copytree(straight / "checkpoints", root / "node0-ckpts")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
+         "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
+         "--set", "train.master_addr=127.0.0.1", "--set", "train.master_port=29534",
+         "--checkpoints", str(root / f"node{rank}-ckpts")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), logs
+    assert all("on a filesystem every node sees" in log for log in logs), logs
+    assert all("exited with code 2" in log and "Traceback" not in log for log in logs), logs
+    assert not (out / "metrics.json").exists()
