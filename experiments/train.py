@@ -220,7 +220,7 @@ class Trainer:
         # While PMPL searches, each freeze changes which parameters get gradients (a frozen
         # enhancer stops using alpha and its dropped candidates), so DDP must look for unused
         # parameters; once every layer is frozen the graph is static again (_end_search).
-        self.model = self._wrap(find_unused=spec.mode == "pmpl")
+        self.model = self._wrap(searching=spec.mode == "pmpl")
         self._search_ended = False
         self.loss_plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
         self.mixup = None
@@ -253,36 +253,34 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if r.amp and self.device.type == "cuda" else nullcontext())
 
-    def _wrap(self, find_unused: bool) -> nn.Module:
+    def _wrap(self, searching: bool) -> nn.Module:
         """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
         model = self.net
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
-                        else None, find_unused_parameters=find_unused)
-        if self.params.train.compile and self.device.type == "cuda":
-            # compiled forward for the main (support / plain) pass; PMPL's query and lookahead
-            # passes run the uncompiled module
+                        else None, find_unused_parameters=searching)
+        if self.params.train.compile and self.device.type == "cuda" and not searching:
+            # Only once the graph is static: every freeze during the search would recompile,
+            # and past dynamo's recompile limit the forward silently falls back to eager.
             model = torch.compile(model)
         return model
 
     def _end_search(self) -> None:
         """After the last freeze: stop tracking dropped parameters, rebuild DDP without the
-        per-step unused-parameter traversal (every rank reaches this at the same step, since
-        alpha and the freezing decisions are identical on all ranks)."""
+        per-step unused-parameter traversal and compile if asked (every rank reaches this at
+        the same step, since alpha and the freezing decisions are identical on all ranks)."""
         if self.search is None or self.search.active or self._search_ended:
             return
         self._search_ended = True
         for _, module in enhancers(self.net):
             for p in module.unused_parameters():
                 p.requires_grad_(False)
-        if self.dist.enabled:
-            self.model = self._wrap(find_unused=False)
-            self.search.model = self.model
-            if self.dist.is_main:
-                print(f"search ended at step {self.global_step}: DDP rebuilt with "
-                      "find_unused_parameters=False", flush=True)
+        self.model = self.search.model = self._wrap(searching=False)
+        if self.dist.enabled and self.dist.is_main:
+            print(f"search ended at step {self.global_step}: DDP rebuilt with "
+                  "find_unused_parameters=False", flush=True)
 
     # ------------------------------------------------------------------ state
     def fingerprint(self) -> str:
