@@ -169,7 +169,9 @@ class Trainer:
                     channels_last=p.train.channels_last and self.device.type == "cuda",
                     device=str(self.device))
         train_cfg = LoaderConfig(**base, distributed=self.dist.enabled)
-        val_cfg = LoaderConfig(**{**base, "batch_size": max(1, r.batch_size // world)})
+        # Validation is sharded too: rank r sees images r, r + world, ... (evaluate() merges).
+        val_cfg = LoaderConfig(**{**base, "batch_size": max(1, r.batch_size // world)},
+                               distributed=self.dist.enabled)
         # Query batches: never larger than the meta split allows, always full (a batch of one
         # image cannot train BatchNorm).
         meta_images = self.data_report["images"][
@@ -391,7 +393,7 @@ class Trainer:
                     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                       for k, v in row.items()}), flush=True)
                 self.dist.barrier()
-            return self.finish() if self.dist.is_main else {}
+            return self.finish()
         finally:
             stop.restore()
             if live is not None:
@@ -473,40 +475,59 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, predictions: bool = False) -> dict:
+        """Top-1/top-5/loss on the whole val set; under DDP each rank scores its shard and
+        the sums (and predictions, in val order) are merged on every rank."""
         model.eval()
-        correct1 = correct5 = total = 0
-        loss_sum = 0.0
-        preds = []
+        n_val, rank, world = self.val_data.num_samples, self.dist.rank, self.dist.world_size
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, n, loss
+        preds, seen = [], 0
         self.val_data.set_epoch(0)
         for x, y in self.val_data:
+            # The distributed sampler pads the last round with repeats: keep positions < n_val.
+            pos = rank + world * torch.arange(seen, seen + y.numel(), device=y.device)
+            seen += y.numel()
+            keep = pos < n_val
             with self.autocast:
                 out = model(x)
             out = out.float()
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             top5 = out.topk(min(5, out.shape[1]), dim=1).indices
-            correct1 += int((top5[:, 0] == y).sum())
-            correct5 += int((top5 == y[:, None]).any(dim=1).sum())
-            total += y.numel()
+            sums += torch.stack([
+                ((top5[:, 0] == y) & keep).sum(), ((top5 == y[:, None]).any(dim=1) & keep).sum(),
+                keep.sum(), (F.cross_entropy(out, y, reduction="none") * keep).sum()]).double()
             if predictions:
-                preds.append(torch.stack([y, top5[:, 0]], dim=1).cpu())
+                preds.append(torch.stack([pos, y, top5[:, 0]], dim=1)[keep].cpu())
         model.train()
+        if self.dist.enabled:
+            torch.distributed.all_reduce(sums)
+        correct1, correct5, total, loss_sum = sums.tolist()
         result = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
                   "val_loss": loss_sum / total}
         if predictions:
-            result["predictions"] = torch.cat(preds).numpy()
+            rows = torch.cat(preds).numpy()
+            if self.dist.enabled:
+                shards = [None] * world
+                torch.distributed.all_gather_object(shards, rows)
+                rows = np.concatenate(shards)
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            result["predictions"] = rows[:, 1:]  # (label, prediction) in val order
         return result
 
     def finish(self) -> dict:
-        """Final evaluation and every output of the run."""
+        """Final evaluation (every rank: the val set is sharded) and, on rank 0, every output."""
         from metapool.profile import profile_model
 
-        art = self.out / "artifacts"
-        art.mkdir(parents=True, exist_ok=True)
         final_net = self.ema.module if self.ema else self.net
         if self.search is not None:
             if self.search.active:
                 self.search.finalize(self.recipe.epochs - 1)
                 self._sync_ema_enhancers()
+            final_net = export_fixed(copy.deepcopy(final_net))  # what the adapted model costs
+        result = self.evaluate(final_net, predictions=True)
+        if not self.dist.is_main:
+            return {}
+        art = self.out / "artifacts"
+        art.mkdir(parents=True, exist_ok=True)
+        if self.search is not None:
             self.search.genotype().save(art / "genotype.json")
             atomic_write_csv(art / "alpha_history.csv", self.search.history_table(),
                        ["step", "epoch", "layer", "candidate", "prob"])
@@ -515,8 +536,6 @@ class Trainer:
                  "step": e.step, "epoch": e.epoch, "reason": e.reason,
                  "margin": _margin(e.probs)} for e in self.search.events],
                 ["layer", "ops", "step", "epoch", "reason", "margin"])
-            final_net = export_fixed(copy.deepcopy(final_net))
-        result = self.evaluate(final_net, predictions=True)
         preds = result.pop("predictions")
         atomic_write_csv(art / "predictions.csv",
                    [{"index": i, "label": int(t), "pred": int(p)} for i, (t, p) in enumerate(preds)],

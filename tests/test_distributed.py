@@ -2,6 +2,7 @@
 process, and the whole Trainer launched by `metapool train` with train.nproc=2."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -62,7 +63,9 @@ EPOCHS = 8
 def tiny_ddp(tmp_path_factory):
     """Tiny data and a PMPL run trained start to finish by `metapool train` with train.nproc=2."""
     root = tmp_path_factory.mktemp("ddp_trainer")
-    params = write_params(root / "params.yaml", root / "data", root / "runs")
+    # 15 val images: the 2 ranks' shards (8 + 7) need one padded repeat, which must not count
+    params = write_params(root / "params.yaml", root / "data", root / "runs",
+                          {"data": {"default": {"val_per_class": 5}}})
     metapool("data", "prepare", "--params", str(params), "--out", str(root / "data"))
     straight = root / "runs" / "straight"
     proc = metapool(*_train_args(params, straight))
@@ -76,7 +79,7 @@ def _train_args(params: Path, out: Path) -> list[str]:
 
 
 def test_pmpl_training_under_torchrun_writes_its_outputs_once(tiny_ddp):
-    _, _, out, stdout = tiny_ddp
+    root, _, out, stdout = tiny_ddp
     epoch_lines = [line for line in stdout.splitlines() if line.startswith('{"epoch"')]
     assert len(epoch_lines) == EPOCHS  # printed by rank 0 only
     assert stdout.count("DDP rebuilt with find_unused_parameters=False") == 1
@@ -89,6 +92,14 @@ def test_pmpl_training_under_torchrun_writes_its_outputs_once(tiny_ddp):
     assert names[-1] == f"ckpt_epoch{EPOCHS - 1:04d}.pt"
     with (out / "live" / "plots" / "metrics" / "top1.tsv").open() as fh:
         assert len(fh.read().splitlines()) == EPOCHS + 1  # header + one row per epoch, one writer
+    # Sharded evaluation, merged: every val image once, in val order, and top-1 agrees with it.
+    with (root / "data" / "manifest.csv").open() as fh:
+        val_labels = [int(r["label"]) for r in csv.DictReader(fh) if r["split"] == "val"]
+    with (out / "artifacts" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["label"]) for r in rows] == val_labels and len(rows) == 15
+    correct = sum(r["label"] == r["pred"] for r in rows)
+    assert metrics["top1"] == pytest.approx(100.0 * correct / len(rows))
 
 
 def test_sigterm_under_torchrun_stops_every_rank_and_resumes_to_the_same_result(tiny_ddp):
