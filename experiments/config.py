@@ -209,6 +209,10 @@ class TrainParams:
     def validate(self) -> None:
         for key in ("threads", "nproc", "nnodes"):
             _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        _require(0 <= self.node_rank < self.nnodes, "train.node_rank", self.node_rank,
+                 f"must lie in [0, train.nnodes={self.nnodes})")
+        _require(1 <= self.master_port <= 65535, "train.master_port", self.master_port,
+                 "must be a TCP port in [1, 65535]")
 
 
 @dataclass

@@ -139,7 +139,8 @@ class Trainer:
         self.recipe = params.active_recipe
         self.out = Path(spec.out)
         self.device = dist.device
-        torch.set_num_threads(params.train.threads)
+        self.threads = self._cpu_threads()
+        torch.set_num_threads(self.threads)
         seed_everything(spec.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -151,6 +152,22 @@ class Trainer:
         self.train_seconds, self.images_seen = 0.0, 0
 
     # ------------------------------------------------------------------ set-up
+    def _cpu_threads(self) -> int:
+        """train.threads, capped on the CPU so the processes of one machine do not
+        oversubscribe its cores (spinning OpenMP threads slow training down by 10x or more)."""
+        threads = self.params.train.threads
+        if self.device.type != "cpu":
+            return threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        fits = max(1, (cores or 1) // local_procs)
+        if threads > fits:
+            if self.dist.local_rank == 0:
+                print(f"train.threads={threads} x {local_procs} processes exceeds the {cores} "
+                      f"cores: using {fits} threads per process", flush=True)
+            return fits
+        return threads
+
     def _build_data(self) -> None:
         p, r = self.params, self.recipe
         data_dir = Path(p.data.out_dir)
@@ -203,7 +220,7 @@ class Trainer:
             meta_records = val if self.pmpl_params.meta_source == "val" else meta
             self.meta_data = (torchvision_stream(meta_records, True, meta_cfg, drop_last=True)
                               if self.spec.mode == "pmpl" else None)
-        torch.set_num_threads(p.train.threads)
+        torch.set_num_threads(self.threads)
 
     def _build_model(self) -> None:
         from timm.data import Mixup
@@ -380,6 +397,7 @@ class Trainer:
                     # 128 + signal, as a shell reports a killed command: DVC and SLURM must
                     # not take an interrupted stage for a finished one.
                     raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                self._sync_bn_statistics()
                 row = {"epoch": epoch, **self.last_train, **self.evaluate(self.net)}
                 if self.ema:
                     row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
@@ -398,6 +416,16 @@ class Trainer:
             stop.restore()
             if live is not None:
                 live.end()
+
+    def _sync_bn_statistics(self) -> None:
+        # Each rank's BatchNorm running statistics saw only its own batches: average them
+        # (timm's --dist-bn reduce) so that every rank evaluates, and rank 0 saves, one model.
+        if self.dist.enabled:
+            from timm.utils import distribute_bn
+
+            distribute_bn(self.net, self.dist.world_size, reduce=True)
+            if self.ema is not None:
+                distribute_bn(self.ema.module, self.dist.world_size, reduce=True)
 
     def _query_batches(self, epoch: int):
         # The meta split is small: cycle through it, its order fixed by (seed, epoch, lap).

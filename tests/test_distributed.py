@@ -176,3 +176,28 @@ def test_nodes_that_would_resume_from_different_checkpoints_refuse_to_start(tiny
     assert all("on a filesystem every node sees" in log for log in logs), logs
     assert all("exited with code 2" in log and "Traceback" not in log for log in logs), logs
     assert not (out / "metrics.json").exists()
+
+
+def test_reported_accuracy_is_that_of_the_saved_model(tiny_ddp):
+    """Each rank scores its shard with its own copy of the model: the copies must be one model
+    (BatchNorm statistics averaged across ranks), the one rank 0 saved."""
+    import torch
+    import torch.nn.functional as F
+
+    from data_pipelines.loaders import LoaderConfig, ffcv_stream
+    from experiments.report import load_final_model
+
+    root, _, out, _ = tiny_ddp
+    model = load_final_model(out)
+    stream = ffcv_stream(str(root / "data" / "val.beton"), False,
+                         LoaderConfig(img_size=32, batch_size=4, workers=1))
+    preds, loss_sum = [], 0.0
+    with torch.no_grad():
+        for x, y in stream:
+            logits = model(x)
+            preds += logits.argmax(dim=1).tolist()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+    with (out / "artifacts" / "predictions.csv").open() as fh:
+        assert preds == [int(r["pred"]) for r in csv.DictReader(fh)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_loss"] == pytest.approx(loss_sum / len(preds), rel=1e-5)

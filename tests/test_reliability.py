@@ -36,6 +36,9 @@ def test_repository_params_are_valid():
     ("recipe=fast", "recipe='fast' is invalid: choose from default, paper, standard"),
     ("variants.pmpl.pmpl={stop_rule: magic}", "pmpl.stop_rule='magic': choose from"),
     ("stages.search=[pmpl,nope]", "stages.search='nope' is invalid: unknown variant"),
+    ("train.node_rank=2", r"train.node_rank=2 is invalid: must lie in \[0, train.nnodes=1\)"),
+    ("train.master_port=70000", "train.master_port=70000 is invalid: must be a TCP port"),
+    ("train.nproc=0", "train.nproc=0 is invalid: must be >= 1"),
 ])
 def test_bad_parameters_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):

@@ -139,3 +139,17 @@ def test_nan_loss_stops_with_the_step_and_checkpoint(tiny, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0 step 0 .*no checkpoint yet"):
         trainer.fit()
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("threads,local_procs,cores,expected", [
+    (2, 1, 2, 2), (2, 2, 2, 1), (8, 2, 16, 8), (8, 4, 16, 4), (1, 4, 2, 1)])
+def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch, threads, local_procs, cores, expected):
+    from types import SimpleNamespace
+
+    from experiments.config import TrainParams
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_procs))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    fake = SimpleNamespace(params=SimpleNamespace(train=TrainParams(threads=threads)),
+                           device=torch.device("cpu"), dist=Dist())
+    assert Trainer._cpu_threads(fake) == expected
