@@ -80,3 +80,12 @@ def test_exp_run_reruns_only_what_reads_the_changed_param(repo_copy):
     assert "Running stage 'data'" not in log
     show = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo_copy).stdout
     assert "pmpl.inner_lr" in show and "top1" in show
+
+
+def test_a_stage_with_train_nproc_launches_torchrun_itself(repo_copy):
+    proc = _run(["dvc", "exp", "run", "-S", "train.nproc=2", "-S", "train.threads=1",
+                 "-S", "train.master_port=29537", "train-plain@baseline-0"], repo_copy)
+    log = proc.stdout + proc.stderr
+    assert "Running stage 'train-plain@baseline-0'" in log
+    metrics = json.loads((repo_copy / "runs" / "baseline" / "seed0" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
