@@ -19,10 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from experiments.distributed import cleanup, init_distributed
-from metapool.models import build_model, enhancers
+from metapool.models import build_model, enhancers, release_unused_parameters
 
 
 def _frozen_search_net(device: torch.device, static: bool) -> torch.nn.Module:
@@ -30,9 +29,8 @@ def _frozen_search_net(device: torch.device, static: bool) -> torch.nn.Module:
     net = build_model("mobilenetv2_100", "search").to(device)
     for _, module in enhancers(net):
         module.freeze([1, 3])  # strip_pool + max_pool_5x5: any two candidates cost alike here
-        if static:
-            for p in module.unused_parameters():
-                p.requires_grad_(False)
+    if static:
+        release_unused_parameters(net)  # what the trainer does when the search ends
     return net
 
 
@@ -48,12 +46,10 @@ def main() -> None:
     d = init_distributed()
     if not d.enabled:
         raise SystemExit("run under torchrun with --nproc_per_node >= 2: DDP needs several processes")
-    ids = [d.device.index] if d.device.type == "cuda" else None
     models = {
-        "find_unused_parameters=True": DDP(_frozen_search_net(d.device, False), device_ids=ids,
-                                           find_unused_parameters=True),
-        "static rebuild (find_unused_parameters=False)": DDP(
-            _frozen_search_net(d.device, True), device_ids=ids, find_unused_parameters=False),
+        "find_unused_parameters=True": d.ddp(_frozen_search_net(d.device, False),
+                                             find_unused_parameters=True),
+        "static rebuild (find_unused_parameters=False)": d.ddp(_frozen_search_net(d.device, True)),
     }
     opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3,
                                momentum=0.9) for k, m in models.items()}

@@ -23,6 +23,14 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def ddp(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """``module`` under DistributedDataParallel on this process's device."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on at least one (e.g. a stop signal)."""
         if not self.enabled:

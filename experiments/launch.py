@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 1
-        print(f"metapool train: rank {rank} exited with code {failure.exitcode} "
-              "(its error is above); rerun the same command to resume", file=sys.stderr)
+        print(f"metapool train: rank {rank} exited with code {failure.exitcode}: fix the error "
+              "it printed above, then rerun the same command (finished epochs are kept)",
+              file=sys.stderr)
         return code
     except SignalException as stop:
         print(f"metapool train: stopped by signal {int(stop.sigval)}; every rank saved its "

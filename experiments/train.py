@@ -34,7 +34,7 @@ from experiments.config import Params, PMPLParams, Recipe
 from experiments.distributed import Dist, cleanup, init_distributed
 from metapool.genotype import Genotype
 from metapool.io import atomic_path, atomic_write_csv, atomic_write_text
-from metapool.models import build_model, enhancers, export_fixed
+from metapool.models import build_model, enhancers, export_fixed, release_unused_parameters
 from metapool.pmpl import ProgressiveMetaPooling
 
 
@@ -220,7 +220,6 @@ class Trainer:
             meta_records = val if self.pmpl_params.meta_source == "val" else meta
             self.meta_data = (torchvision_stream(meta_records, True, meta_cfg, drop_last=True)
                               if self.spec.mode == "pmpl" else None)
-        torch.set_num_threads(self.threads)
 
     def _build_model(self) -> None:
         from timm.data import Mixup
@@ -238,9 +237,8 @@ class Trainer:
             self.net = self.net.to(memory_format=torch.channels_last)
         # While PMPL searches, each freeze changes which parameters get gradients (a frozen
         # enhancer stops using alpha and its dropped candidates), so DDP must look for unused
-        # parameters; once every layer is frozen the graph is static again (_end_search).
+        # parameters; once every layer is frozen the graph is static again (_after_freezes).
         self.model = self._wrap(searching=spec.mode == "pmpl")
-        self._search_ended = False
         self.loss_plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
@@ -274,28 +272,23 @@ class Trainer:
 
     def _wrap(self, searching: bool) -> nn.Module:
         """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
-        model = self.net
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda"
-                        else None, find_unused_parameters=searching)
+        model = self.dist.ddp(self.net, find_unused_parameters=searching) if self.dist.enabled \
+            else self.net
         if self.params.train.compile and self.device.type == "cuda" and not searching:
             # Only once the graph is static: every freeze during the search would recompile,
             # and past dynamo's recompile limit the forward silently falls back to eager.
             model = torch.compile(model)
         return model
 
-    def _end_search(self) -> None:
-        """After the last freeze: stop tracking dropped parameters, rebuild DDP without the
-        per-step unused-parameter traversal and compile if asked (every rank reaches this at
-        the same step, since alpha and the freezing decisions are identical on all ranks)."""
-        if self.search is None or self.search.active or self._search_ended:
+    def _after_freezes(self) -> None:
+        """Called when layers were just frozen (or restored frozen): the EMA copy follows, and
+        after the last freeze the dropped parameters leave autograd and DDP is rebuilt without
+        the per-step unused-parameter traversal, compiled if asked. Every rank gets here at
+        the same step: alpha and the freezing decisions are identical on all ranks."""
+        self._sync_ema_enhancers()
+        if self.search.active:
             return
-        self._search_ended = True
-        for _, module in enhancers(self.net):
-            for p in module.unused_parameters():
-                p.requires_grad_(False)
+        release_unused_parameters(self.net)
         self.model = self.search.model = self._wrap(searching=False)
         if self.dist.enabled and self.dist.is_main:
             print(f"search ended at step {self.global_step}: DDP rebuilt with "
@@ -385,14 +378,13 @@ class Trainer:
             live = Live(str(self.out / "live"), resume=resumed is not None, dvcyaml=False,
                         save_dvc_exp=False)
             live.step = self.start_epoch
-        self._end_search()  # a run resumed after its search ended
+        if self.search is not None and not self.search.active:
+            self._after_freezes()  # a run resumed after its search ended
         stop = _StopRequested()
         try:
             for epoch in range(self.start_epoch, self.recipe.epochs):
-                if self.search is not None:
-                    self.search.on_epoch_start(epoch)
-                    self._sync_ema_enhancers()
-                    self._end_search()
+                if self.search is not None and self.search.on_epoch_start(epoch):
+                    self._after_freezes()
                 if self.train_one_epoch(epoch, stop):
                     # 128 + signal, as a shell reports a killed command: DVC and SLURM must
                     # not take an interrupted stage for a finished one.
@@ -467,8 +459,7 @@ class Trainer:
             self.global_step += 1
             self.scheduler.step_update(num_updates=self.global_step)
             if searching and self.search.after_step(epoch):
-                self._sync_ema_enhancers()
-                self._end_search()
+                self._after_freezes()
             if self.ema is not None:
                 self.ema.update(self.net, step=self.global_step)
             loss_sum += float(loss.detach())

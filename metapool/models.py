@@ -180,6 +180,14 @@ def export_fixed(model: nn.Module) -> nn.Module:
     return model
 
 
+def release_unused_parameters(model: nn.Module) -> None:
+    """Take alpha and the dropped candidates of every frozen enhancer out of autograd, in place
+    (the module keeps them, so checkpoints and ``export_fixed`` are unchanged)."""
+    for _, module in enhancers(model):
+        for p in module.unused_parameters():
+            p.requires_grad_(False)
+
+
 def _register(backbone: str) -> None:
     def create(pretrained: bool = False, genotype=None, attention: str | None = None,
                fixed_op: str | None = None, **kwargs) -> nn.Module:

@@ -1,9 +1,11 @@
 """Tiny end-to-end fixtures shared by the training, pipeline and reliability tests."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -45,3 +47,27 @@ def metapool(*args: str, cwd: Path | None = None, timeout: int = 600,
     if check and proc.returncode != 0:
         raise AssertionError(f"metapool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def signal_after_checkpoint(args: list[str], checkpoint: Path, sig: int,
+                            threads: int = 2) -> tuple[int, str]:
+    """Start ``metapool *args``, send ``sig`` once ``checkpoint`` exists; (exit code, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metapool.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    """The runs in folders ``a`` and ``b`` reported exactly the same accuracy and loss."""
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((b / "metrics.json").read_text())
+    for key in ("top1", "top5", "val_loss"):
+        assert ma[key] == mb[key], key

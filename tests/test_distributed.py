@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, metapool, write_params
+from tests.helpers import REPO, assert_same_metrics, metapool, signal_after_checkpoint, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +77,22 @@ def _train_args(params: Path, out: Path) -> list[str]:
             "--set", f"recipes.default.epochs={EPOCHS}"]
 
 
+def _two_nodes(params: Path, out: Path, port: int,
+               extra=lambda rank: []) -> tuple[list[int], list[str]]:
+    """Two `metapool train` commands, one per "node" (one process each, here on one machine);
+    their exit codes and outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
+         "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
+         "--set", "train.master_addr=127.0.0.1", "--set", f"train.master_port={port}",
+         *extra(rank)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    return [node.returncode for node in nodes], logs
+
+
 def test_pmpl_training_under_torchrun_writes_its_outputs_once(tiny_ddp):
     root, _, out, stdout = tiny_ddp
     epoch_lines = [line for line in stdout.splitlines() if line.startswith('{"epoch"')]
@@ -105,28 +120,18 @@ def test_pmpl_training_under_torchrun_writes_its_outputs_once(tiny_ddp):
 def test_sigterm_under_torchrun_stops_every_rank_and_resumes_to_the_same_result(tiny_ddp):
     root, params, straight, _ = tiny_ddp
     killed = root / "runs" / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "metapool.cli", *_train_args(params, killed)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "ckpt_epoch0000.pt").exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # `metapool train` has become torchrun (exec)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, out  # an interrupted stage must not look finished
+    # `metapool train` has become torchrun (exec): the signal goes to its agent
+    returncode, out = signal_after_checkpoint(_train_args(params, killed),
+                                              killed / "checkpoints" / "ckpt_epoch0000.pt",
+                                              signal.SIGTERM, threads=1)
+    assert returncode == 128 + signal.SIGTERM, out  # an interrupted stage must not look finished
     assert len(re.findall(r"^stopped by signal 15 at epoch", out, re.M)) == 1, out  # rank 0
     assert "metapool train: stopped by signal 15" in out and "Traceback" not in out, out
     assert (killed / "checkpoints" / "ckpt_interrupt.pt").exists()
     assert not (killed / "metrics.json").exists()
     resumed = metapool(*_train_args(params, killed))
     assert "resuming" in resumed.stdout
-    a = json.loads((straight / "metrics.json").read_text())
-    b = json.loads((killed / "metrics.json").read_text())
-    for key in ("top1", "top5", "val_loss"):
-        assert a[key] == b[key], key
+    assert_same_metrics(straight, killed)
     assert (straight / "artifacts" / "genotype.json").read_text() == \
         (killed / "artifacts" / "genotype.json").read_text()
     assert (straight / "artifacts" / "predictions.csv").read_text() == \
@@ -138,21 +143,11 @@ def test_two_nodes_of_one_process_match_one_node_of_two(tiny_ddp):
     one machine) form one world of 2 and compute exactly what 2 processes on one node do."""
     root, params, straight, _ = tiny_ddp
     out = root / "runs" / "two-nodes"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
-         "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
-         "--set", "train.master_addr=127.0.0.1", "--set", "train.master_port=29533"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs
+    codes, logs = _two_nodes(params, out, 29533)
+    assert codes == [0, 0], logs
     assert "top-1" in logs[0] and "top-1" not in logs[1]  # rank 0 (node 0) alone reports
-    a = json.loads((straight / "metrics.json").read_text())
-    b = json.loads((out / "metrics.json").read_text())
-    assert b["world_size"] == 2
-    for key in ("top1", "top5", "val_loss"):
-        assert a[key] == b[key], key
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert_same_metrics(straight, out)
     assert (straight / "artifacts" / "genotype.json").read_text() == \
         (out / "artifacts" / "genotype.json").read_text()
 
@@ -163,16 +158,9 @@ def test_nodes_that_would_resume_from_different_checkpoints_refuse_to_start(tiny
     root, params, straight, _ = tiny_ddp
     out = root / "runs" / "unshared"
     shutil.copytree(straight / "checkpoints", root / "node0-ckpts")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
-         "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
-         "--set", "train.master_addr=127.0.0.1", "--set", "train.master_port=29534",
-         "--checkpoints", str(root / f"node{rank}-ckpts")],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode != 0 for node in nodes), logs
+    codes, logs = _two_nodes(params, out, 29534,
+                             lambda rank: ["--checkpoints", str(root / f"node{rank}-ckpts")])
+    assert all(code != 0 for code in codes), logs
     assert all("on a filesystem every node sees" in log for log in logs), logs
     assert all("exited with code 2" in log and "Traceback" not in log for log in logs), logs
     assert not (out / "metrics.json").exists()

@@ -5,9 +5,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import torch
 from experiments.config import load_params
 from experiments.distributed import Dist
 from experiments.train import Trainer, resolve_run
-from tests.helpers import REPO, metapool, write_params
+from tests.helpers import assert_same_metrics, metapool, signal_after_checkpoint, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -66,20 +63,11 @@ def test_pmpl_freezes_every_layer_by_its_deadline(tiny):
 
 
 def _run_until_checkpoint(args: list[str], ckpt_dir: Path, sig: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "metapool.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not list(ckpt_dir.glob("ckpt_epoch0000.pt")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
+    returncode, out = signal_after_checkpoint(args, ckpt_dir / "ckpt_epoch0000.pt", sig)
     if sig == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL
+        assert returncode == -signal.SIGKILL
     else:
-        assert proc.returncode == 128 + signal.SIGTERM, out  # not "finished" for DVC/SLURM
+        assert returncode == 128 + signal.SIGTERM, out  # not "finished" for DVC/SLURM
         assert "stopped by signal" in out
 
 
@@ -94,10 +82,7 @@ def test_killed_run_resumes_to_the_same_result(tiny, variant, sig):
     assert not (killed / "metrics.json").exists()
     resumed = metapool(*base, "--out", str(killed))
     assert "resuming" in resumed.stdout
-    a = json.loads((straight / "metrics.json").read_text())
-    b = json.loads((killed / "metrics.json").read_text())
-    for key in ("top1", "top5", "val_loss"):
-        assert a[key] == b[key], key
+    assert_same_metrics(straight, killed)
     assert (straight / "artifacts" / "predictions.csv").read_text() == \
         (killed / "artifacts" / "predictions.csv").read_text()
     if variant == "pmpl":
