@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export DVC_NO_UPDATER := 1
 
-.PHONY: setup repro test lint
+.PHONY: setup repro test test-fast lint
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,10 @@ repro: setup
 
 test: setup
 	python -m pytest -q
+
+# The inner loop: everything but the end-to-end (slow) tests, about a minute.
+test-fast: setup
+	python -m pytest -q -m "not slow"
 
 lint: setup
 	ruff check metapool data_pipelines experiments tests

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data_pipelines.loaders import LoaderConfig, ffcv_stream, torchvision_stream
-from data_pipelines.manifest import meta_holdout, read_manifest
+from data_pipelines.manifest import read_manifest
 
 
 def _epoch(stream) -> float:
@@ -35,10 +35,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
     data = Path(args.data)
-    report = json.loads((data / "report.json").read_text())
-    skipped = {s["path"] for s in report["skipped_files"]}
-    records = [r for r in read_manifest(data / "manifest.csv") if r.path not in skipped]
-    train, _ = meta_holdout(records, report["writer"]["meta_split"], report["writer"]["seed"])
+    train = [r for r in read_manifest(data / "manifest.csv") if r.split == "train"]
     torch.set_num_threads(1)
     cfg = LoaderConfig(img_size=args.img_size, batch_size=args.batch, workers=args.workers,
                        seed=0)

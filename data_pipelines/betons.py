@@ -1,39 +1,25 @@
-"""Manifest -> FFCV ``train.beton``, ``meta.beton``, ``val.beton`` and a JSON report.
+"""Records -> FFCV ``train.beton``, ``meta.beton`` and ``val.beton``.
 
-Images are validated first (a full decode): FFCV's writer hangs when a worker raises (its
-main process waits for a count that never comes), so no file that could raise reaches it.
-PNGs saved as .JPEG, CMYK, greyscale and palette images are converted to RGB; unreadable,
-truncated or empty files are skipped and listed in ``report.json``. Every .beton is written to
-a temporary name and renamed when complete.
+Images are validated first (``check_images``, a full decode): FFCV's writer hangs when a worker
+raises (its main process waits for a count that never comes), so no file that could raise
+reaches it. PNGs saved as .JPEG, CMYK, greyscale and palette images are converted to RGB;
+unreadable, truncated or empty files are skipped (``prepare`` lists them in ``report.json``).
+Every .beton is written to a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_pipelines.manifest import Record, meta_holdout
-from metapool.io import atomic_path, atomic_write_text
+from data_pipelines.config import WriterConfig
+from data_pipelines.manifest import Record
+from metapool.io import atomic_path
 
 SPLITS = ("train", "meta", "val")
-
-
-@dataclass
-class WriterConfig:
-    """ffcv-imagenet's writer knobs."""
-
-    max_resolution: int = 256
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5
-    write_mode: str = "proportion"
-    workers: int = 2
-    meta_split: float = 0.2
-    seed: int = 0
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -92,28 +78,20 @@ def write_beton(records: list[Record], path: str | Path, cfg: WriterConfig) -> i
     return len(records)
 
 
-def write_betons(records: list[Record], out_dir: str | Path, cfg: WriterConfig) -> dict:
-    """Validate images, split train into train/meta, write the three .beton files + report."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+def check_images(records: list[Record], workers: int) -> tuple[list[Record], list[dict]]:
+    """Decode every image once: (the readable records, the skipped ones with their reason)."""
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         problems = list(pool.map(check_image, [r.path for r in records], chunksize=256))
     skipped = [{"path": r.path, "split": r.split, "reason": p}
                for r, p in zip(records, problems, strict=True) if p is not None]
     good = [r for r, p in zip(records, problems, strict=True) if p is None]
-    train, meta = meta_holdout(good, cfg.meta_split, cfg.seed)
-    val = [r for r in good if r.split == "val"]
-    counts = {}
-    for name, split in zip(SPLITS, (train, meta, val), strict=True):
-        counts[name] = write_beton(split, out_dir / f"{name}.beton", cfg)
-    classes = sorted({(r.label, r.wnid) for r in good})
-    report = {
-        "images": counts,
-        "classes": len(classes),
-        "wnids": [w for _, w in classes],
-        "skipped": len(skipped),
-        "skipped_files": skipped,
-        "writer": cfg.__dict__,
-    }
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    return report
+    return good, skipped
+
+
+def write_betons(records: list[Record], out_dir: str | Path, cfg: WriterConfig) -> dict[str, int]:
+    """Write ``train``, ``meta`` and ``val.beton`` from readable records (``check_images``)
+    of those splits; returns the image count of each."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {name: write_beton([r for r in records if r.split == name],
+                              out_dir / f"{name}.beton", cfg) for name in SPLITS}

@@ -10,14 +10,19 @@ loader seed (#392, #300), so ``SeededRandomResizedCropFlip`` reseeds numba's RNG
 epoch because the (seeded) order is. Normalisation happens in torch after the loader, never as a
 jitted op after ``ToTorchImage`` (that order hangs, #396), which also needs no cupy on the GPU.
 ``import ffcv`` and every epoch reset torch's thread count: ``DataStream`` restores it.
+``build_streams`` is the one place that picks the backend and the splits of a training run.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_pipelines.config import DataConfig
+from data_pipelines.manifest import read_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,29 +104,26 @@ def _seeded_decoder_class():
 
 
 class DataStream:
-    """Iterates a loader as normalised float batches on the target device."""
+    """Iterates a loader as normalised float batches on the target device; ``set_epoch`` fixes
+    the order (seeded: a resumed run sees the same data). One subclass per backend."""
 
-    def __init__(self, loader, cfg: LoaderConfig, num_samples: int, backend: str,
-                 threads: int) -> None:
+    def __init__(self, loader, cfg: LoaderConfig, num_samples: int, threads: int) -> None:
         self.loader = loader
         self.cfg = cfg
         self.num_samples = num_samples
-        self.backend = backend
         self.epoch = 0
-        device = torch.device(cfg.device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self._threads = threads
 
     def set_epoch(self, epoch: int) -> None:
-        """Position the loader at ``epoch`` (seeded order: a resumed run sees the same data)."""
+        """Position the loader at ``epoch``."""
         self.epoch = epoch
-        if self.backend == "ffcv":
-            self.loader.next_epoch = epoch
-        elif hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(epoch)
-        elif self.loader.generator is not None:
-            self.loader.generator.manual_seed(self.cfg.seed * 1000 + epoch)
+        self._position(epoch)
+
+    def _position(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return images
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -134,14 +136,40 @@ class DataStream:
         for images, labels in iterator:
             images = images.to(self.cfg.device, non_blocking=True)
             labels = labels.to(self.cfg.device, non_blocking=True).long().view(-1)
-            if self.backend == "ffcv":  # uint8 0..255
-                images = (images.float() - self.mean) / self.std
-            images = images.contiguous(memory_format=fmt)
+            images = self._normalise(images).contiguous(memory_format=fmt)
             yield images, labels
         self.epoch += 1
 
 
-def ffcv_stream(path: str, train: bool, cfg: LoaderConfig, drop_last: bool | None = None) -> DataStream:
+class FFCVStream(DataStream):
+    """FFCV yields uint8 0..255 images: normalised here, in torch (never a jitted op after
+    ``ToTorchImage``, which hangs, #396)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        device = torch.device(self.cfg.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def _position(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+
+class TorchvisionStream(DataStream):
+    """torchvision's transforms already normalise; the order comes from the sampler."""
+
+    def _position(self, epoch: int) -> None:
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+        elif self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.cfg.seed * 1000 + epoch)
+
+
+def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
+                drop_last: bool | None = None) -> FFCVStream:
     """An FFCV loader over a .beton file."""
     threads = torch.get_num_threads()  # before `import ffcv`, which sets it to 1
     import ffcv  # noqa: F401
@@ -167,7 +195,7 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig, drop_last: bool | Non
         os_cache=True,
     )
     torch.set_num_threads(threads)
-    return DataStream(loader, cfg, loader.reader.num_samples, "ffcv", threads)
+    return FFCVStream(loader, cfg, loader.reader.num_samples, threads)
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -188,7 +216,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 def torchvision_stream(records, train: bool, cfg: LoaderConfig,
-                       drop_last: bool | None = None) -> DataStream:
+                       drop_last: bool | None = None) -> TorchvisionStream:
     """The same semantics as ``ffcv_stream`` with torchvision transforms over manifest records."""
     from torchvision import transforms as T
 
@@ -211,4 +239,56 @@ def torchvision_stream(records, train: bool, cfg: LoaderConfig,
         num_workers=cfg.workers, drop_last=train if drop_last is None else drop_last,
         generator=generator, pin_memory=cfg.device.startswith("cuda"),
         persistent_workers=cfg.workers > 0)
-    return DataStream(loader, cfg, len(dataset), "torchvision", torch.get_num_threads())
+    return TorchvisionStream(loader, cfg, len(dataset), torch.get_num_threads())
+
+
+@dataclass
+class Streams:
+    """The streams of one training run and the prepared dataset's ``report.json``."""
+
+    train: DataStream
+    val: DataStream
+    meta: DataStream | None
+    report: dict
+
+
+def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
+                  scale: tuple[float, float], seed: int, world_size: int = 1,
+                  device: str = "cpu", channels_last: bool = False,
+                  meta_source: str | None = None) -> Streams:
+    """Train, val and (for PMPL) query streams over ``data.out_dir`` with ``data.loader``'s
+    backend. ``batch_size`` is per process; ``world_size > 1`` shards every stream (validation
+    too: rank r sees images r, r + world, ...). ``meta_source``: None (no query stream),
+    ``heldout`` (the meta split) or ``val`` (the reference code's leak). Query batches are never
+    larger than the meta split allows and always hold at least 2 images (a batch of one cannot
+    train BatchNorm)."""
+    from data_pipelines.prepare import read_report
+
+    data_dir = Path(data.out_dir)
+    report = read_report(data_dir)
+    base = dict(img_size=img_size, workers=data.loader.workers, scale=tuple(scale), seed=seed,
+                channels_last=channels_last, device=device, distributed=world_size > 1)
+    train_cfg = LoaderConfig(**base, batch_size=batch_size)
+    val_cfg = LoaderConfig(**base, batch_size=max(1, batch_size))
+    meta_split = "val" if meta_source == "val" else "meta"
+    meta_cfg = None
+    if meta_source is not None:
+        per_process = report["images"][meta_split] // world_size
+        if per_process < 2:
+            raise ValueError(f"the {meta_split} split has {per_process} images per process, too "
+                             "few for a query batch: raise data.meta_split or use more images")
+        meta_cfg = LoaderConfig(**{**base, "seed": seed + 7919},
+                                batch_size=max(2, min(batch_size, per_process)))
+    if data.loader.backend == "ffcv":
+        def stream(split, train, cfg, drop_last=None):
+            return ffcv_stream(str(data_dir / f"{split}.beton"), train, cfg, drop_last)
+    else:
+        records = read_manifest(data_dir / "manifest.csv")
+
+        def stream(split, train, cfg, drop_last=None):
+            return torchvision_stream([r for r in records if r.split == split], train, cfg,
+                                      drop_last)
+    train = stream("train", True, train_cfg)
+    val = stream("val", False, val_cfg)
+    meta = stream(meta_split, True, meta_cfg, drop_last=True) if meta_cfg else None
+    return Streams(train, val, meta, report)

@@ -4,13 +4,15 @@ Layout: ``ROOT/train/<wnid>/*.JPEG``; ``ROOT/val/`` either in class folders
 (``val/<wnid>/*.JPEG``) or flat (``val/ILSVRC2012_val_00000001.JPEG``) with a ground-truth
 file: ``LOC_val_solution.csv`` (ImageId,PredictionString), ``val_labels.txt`` (``file wnid``
 per line), or the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with its ``meta.mat``.
-A manifest lists images (path, label, wnid, split); no image is copied.
+A manifest lists the readable images (path, label, wnid, split: train, meta or val) that
+``metapool data prepare`` wrote to the .beton files; no image is copied. It is the one record of
+the meta split: everything that needs the splits reads them back from it.
 """
 from __future__ import annotations
 
 import csv
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from metapool.io import atomic_path
@@ -25,7 +27,7 @@ class Record:
     path: str
     label: int
     wnid: str
-    split: str  # train | val
+    split: str  # train | meta (held out of train for PMPL's alpha) | val
 
 
 def _images(folder: Path) -> list[Path]:
@@ -152,24 +154,24 @@ def write_manifest(records: list[Record], path: str | Path) -> None:
 
 
 def read_manifest(path: str | Path) -> list[Record]:
+    """The records of a manifest written by ``write_manifest``."""
     with Path(path).open() as fh:
         return [Record(r["path"], int(r["label"]), r["wnid"], r["split"]) for r in csv.DictReader(fh)]
 
 
-def meta_holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Split the train records into (train, meta) per class; disjoint and fixed by ``seed``."""
+def split_meta(records: list[Record], fraction: float, seed: int) -> list[Record]:
+    """Hold out ``fraction`` of every class's train images as the meta split (split ``meta``),
+    in place in the list's order; disjoint from train and fixed by ``seed``."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"pmpl.meta_split={fraction} must lie in (0, 1)")
+        raise ValueError(f"data.meta_split={fraction} must lie in (0, 1)")
     rng = random.Random(seed + 1)
-    by_class: dict[int, list[Record]] = {}
-    for r in records:
+    by_class: dict[int, list[int]] = {}
+    for i, r in enumerate(records):
         if r.split == "train":
-            by_class.setdefault(r.label, []).append(r)
-    train, meta = [], []
+            by_class.setdefault(r.label, []).append(i)
+    held: set[int] = set()
     for label in sorted(by_class):
-        items = by_class[label]
-        n_meta = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
-        held = set(rng.sample(range(len(items)), n_meta))
-        for i, r in enumerate(items):
-            (meta if i in held else train).append(r)
-    return train, meta
+        positions = by_class[label]
+        n_meta = max(1, round(len(positions) * fraction)) if len(positions) > 1 else 0
+        held |= {positions[k] for k in rng.sample(range(len(positions)), n_meta)}
+    return [replace(r, split="meta") if i in held else r for i, r in enumerate(records)]

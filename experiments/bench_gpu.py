@@ -132,13 +132,12 @@ def main() -> None:
             ips = {name: bench(name, steps[name][0](), steps[name][1], run_args,
                                params.train.compile)["images_per_s"]
                    for name in ("baseline", "search", "adapted")}
-            deadline = params.pmpl.deadline_epoch
-            deadline = r.deadline_epoch if deadline is None else deadline
             print(json.dumps({"recipe": recipe_name, "gpus": args.estimate_gpus,
                               "batch_per_gpu": run_args.batch, "epochs": r.epochs,
-                              "deadline_epoch": deadline, "images_per_s_per_gpu": ips,
-                              **estimate_hours(ips, r.epochs, deadline, args.estimate_gpus,
-                                               params.pmpl.meta_split)}), flush=True)
+                              "deadline_epoch": r.deadline_epoch, "images_per_s_per_gpu": ips,
+                              **estimate_hours(ips, r.epochs, r.deadline_epoch,
+                                               args.estimate_gpus, params.data.meta_split)}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
+from experiments.config import CompareSettings
 from metapool.io import atomic_write_csv, atomic_write_text
 
 PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wherever shown
@@ -29,14 +29,6 @@ PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wher
     "baseline_top1": 72.3,
     "gain": 2.3,
 }
-
-
-@dataclass
-class CompareSettings:
-    confidence: float = 0.95
-    resamples: int = 10000
-    min_seeds: int = 5
-    seed: int = 0
 
 
 def load_runs(runs_dir: str | Path) -> dict[str, dict[int, dict]]:
@@ -183,15 +175,14 @@ def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
     comparisons = []
     for a, b in default_pairs(runs, extra_pairs):
         comparisons.append({"a": a, "b": b, **compare_pair(runs[a], runs[b], cfg)})
-    for key, name in (("test_pvalue", "test_pvalue_holm"),):
-        for c, p in zip(comparisons, holm([c[key] for c in comparisons]), strict=True):
-            c[name] = p
+    for c, p in zip(comparisons, holm([c["test_pvalue"] for c in comparisons]), strict=True):
+        c["test_pvalue_holm"] = p
     for c, p in zip(comparisons, holm([c["mcnemar_pooled"]["pvalue"] for c in comparisons]),
                     strict=True):
         c["mcnemar_pooled"]["pvalue_holm"] = p
     return {"variants": variants, "comparisons": comparisons,
-            "paper_gap": paper_gap(runs, variants), "cost": cost_table(runs),
-            "settings": cfg.__dict__}
+            "paper_gap": paper_gap(runs, variants, cfg), "cost": cost_table(runs),
+            "settings": cfg.model_dump(exclude={"extra_pairs", "out_dir"})}
 
 
 def _context(runs: dict[str, dict[int, dict]]) -> dict:
@@ -199,7 +190,8 @@ def _context(runs: dict[str, dict[int, dict]]) -> dict:
     return {k: any_run.get(k) for k in ("dataset", "recipe", "img_size", "epochs")}
 
 
-def paper_gap(runs: dict[str, dict[int, dict]], variants: dict) -> list[dict]:
+def paper_gap(runs: dict[str, dict[int, dict]], variants: dict,
+              cfg: CompareSettings = CompareSettings()) -> list[dict]:
     """The paper's claims next to what this run measured, labelled with the setting."""
     ctx = _context(runs)
     label = (f"dataset={ctx['dataset']}, recipe={ctx['recipe']}, {ctx['img_size']}px, "
@@ -212,7 +204,7 @@ def paper_gap(runs: dict[str, dict[int, dict]], variants: dict) -> list[dict]:
             rows.append({"claim": claim, "paper": paper, "measured": v["top1"]["mean"],
                          "ci": v["top1"]["ci"], "seeds": v["n"], "setting": label})
     if "pmpl" in runs and "baseline" in runs:
-        c = compare_pair(runs["pmpl"], runs["baseline"])
+        c = compare_pair(runs["pmpl"], runs["baseline"], cfg)
         rows.append({"claim": "gain of Meta-Pooling over MobileNetV2 (points)",
                      "paper": PAPER_CLAIMS["gain"], "measured": c["diff_top1"], "ci": c["diff_ci"],
                      "seeds": len(c["paired_seeds"]), "setting": label})
@@ -288,11 +280,11 @@ def write_results(result: dict, out_dir: str | Path) -> None:
     atomic_write_csv(out / "cost.csv", result["cost"])
 
 
-def run_compare(runs_dir: str | Path, out_dir: str | Path, extra_pairs: list[list[str]],
-                cfg: CompareSettings) -> dict:
+def run_compare(runs_dir: str | Path, out_dir: str | Path, cfg: CompareSettings) -> dict:
+    """Compare every finished run under ``runs_dir``; write ``compare.json`` and the CSVs."""
     runs = load_runs(runs_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
-    result = compare_all(runs, extra_pairs, cfg)
+    result = compare_all(runs, [list(p) for p in cfg.extra_pairs], cfg)
     write_results(result, out_dir)
     return result

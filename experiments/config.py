@@ -1,395 +1,403 @@
-"""The schema of ``params.yaml``: every entry point validates its parameters here first.
+"""The schema of ``params.yaml``, one typed tree (pydantic v2), and the run a variant resolves to.
 
-Unknown keys, unknown ops/backbones, out-of-range values and missing paths raise a one-line
-``ValueError`` naming the key, the bad value and what is allowed.
+Each part owns its section: ``metapool.pmpl.PMPLSettings`` the ``pmpl`` section,
+``data_pipelines.config.DataConfig`` the ``data`` section; this module adds the recipes, the
+model, the variants, how runs execute (``train``) and the statistics (``compare``), and composes
+them. Every model rejects unknown keys. ``load_params`` turns any validation error into one
+``ValueError`` line that names the key, the bad value and what is allowed ("did you mean").
+``resolve_run`` turns a variant and a seed into the one ``RunConfig`` the Trainer takes.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import hashlib
+import json
+import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from data_pipelines.config import DataConfig
+from metapool.genotype import Genotype
 from metapool.models import ATTENTIONS, BACKBONES
-from metapool.ops import DEFAULT_CANDIDATES, check_candidates
-from metapool.pmpl import PMPLConfig
+from metapool.ops import DEFAULT_CANDIDATES
+from metapool.pmpl import PMPLConfig, PMPLSettings
 
-MODES = ("baseline", "pmpl", "retrain", "fixed", "attention")
-OPTIMIZERS = ("sgd", "momentum", "lamb", "rmsproptf", "adamw")
-SCHEDULERS = ("cosine", "step")
-BACKENDS = ("ffcv", "torchvision")
-META_SOURCES = ("heldout", "val")
+Mode = Literal["baseline", "pmpl", "retrain", "fixed", "attention"]
+# what each mode puts in the enhancer slots (metapool.models.build_model's ``enhancer``)
+MODE_ENHANCER = {"baseline": "none", "pmpl": "search", "retrain": "fixed", "fixed": "fixed",
+                 "attention": "attention"}
+Backbone = Literal[tuple(BACKBONES)]
+# keys that moved: (section, key) -> where they live now
+MOVED = {("pmpl", "meta_split"): "data.meta_split",
+         ("pmpl", "alpha_lr"): "recipes.<recipe>.alpha_lr (the search schedule is the recipe's)",
+         ("pmpl", "deadline_epoch"): "recipes.<recipe>.deadline_epoch (the search schedule is "
+                                     "the recipe's)"}
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+def _positive_lr(value: float) -> float:
+    if not value > 0:
+        raise ValueError("a learning rate must be > 0")
+    return value
 
 
-@dataclass
-class Recipe:
-    """A training recipe (METHOD.md section 4); ``lr`` is for ``lr_base_batch`` images."""
+LearningRate = Annotated[float, AfterValidator(_positive_lr)]
 
-    epochs: int = 6
-    batch_size: int = 64
-    img_size: int = 64
-    opt: str = "sgd"
-    lr: float = 0.1
-    lr_base_batch: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    sched: str = "cosine"
-    decay_rate: float = 0.1
-    decay_epochs: float = 1.0
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A whole one-line message (cross-field rules name their keys themselves)."""
+    return PydanticCustomError("params", "{message}", {"message": message})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe(_Section):
+    """A training recipe (METHOD.md section 4); ``lr`` is for ``lr_base_batch`` images and
+    scales linearly with the global ``batch_size``."""
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(64, ge=1)
+    img_size: int = Field(64, ge=16)
+    opt: Literal["sgd", "momentum", "lamb", "rmsproptf", "adamw"] = "sgd"
+    lr: LearningRate = 0.1
+    lr_base_batch: int = Field(64, ge=1)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(4e-5, ge=0)
+    sched: Literal["cosine", "step"] = "cosine"
+    decay_rate: float = Field(0.1, gt=0)
+    decay_epochs: float = Field(1.0, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
     randaugment: str = ""
-    reprob: float = 0.0
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    ema_decay: float = 0.0
+    reprob: float = Field(0.0, ge=0, le=1)
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     amp: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
-    clip_grad: float = 0.0
-    # PMPL's schedule under this recipe (used where pmpl.deadline_epoch / alpha_lr are null)
-    deadline_epoch: int = 4
-    alpha_lr: float = 3e-4
+    clip_grad: float = Field(0.0, ge=0)
+    # PMPL's search schedule under this recipe
+    deadline_epoch: int = Field(4, ge=0)
+    alpha_lr: LearningRate = 3e-4
 
-    def validate(self, name: str) -> None:
-        k = f"recipes.{name}"
-        _require(self.epochs >= 1, f"{k}.epochs", self.epochs, "must be >= 1")
-        _require(self.batch_size >= 1, f"{k}.batch_size", self.batch_size, "must be >= 1")
-        _require(self.img_size >= 16, f"{k}.img_size", self.img_size, "must be >= 16")
-        _require(self.opt in OPTIMIZERS, f"{k}.opt", self.opt, f"choose from {OPTIMIZERS}")
-        _require(self.lr > 0, f"{k}.lr", self.lr, "a learning rate must be > 0")
-        _require(self.alpha_lr > 0, f"{k}.alpha_lr", self.alpha_lr, "a learning rate must be > 0")
-        _require(self.weight_decay >= 0, f"{k}.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.sched in SCHEDULERS, f"{k}.sched", self.sched, f"choose from {SCHEDULERS}")
-        _require(0 <= self.ema_decay < 1, f"{k}.ema_decay", self.ema_decay, "must lie in [0, 1)")
-        _require(0 <= self.reprob <= 1, f"{k}.reprob", self.reprob, "must lie in [0, 1]")
-        _require(0 < self.scale[0] <= self.scale[1] <= 1, f"{k}.scale", list(self.scale),
-                 "need 0 < min <= max <= 1")
-        for key in ("warmup_lr", "min_lr", "mixup", "cutmix", "label_smoothing", "drop_rate",
-                    "drop_path_rate", "clip_grad", "warmup_epochs"):
-            _require(getattr(self, key) >= 0, f"{k}.{key}", getattr(self, key), "must be >= 0")
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("need 0 < min <= max <= 1")
+        return value
 
 
-@dataclass
-class PMPLParams:
-    """``pmpl`` section: the search (PMPLConfig) plus the data it learns alpha on."""
-
-    candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
-    split_ratio: float = 1.0
-    meta_split: float = 0.2
-    meta_source: str = "heldout"
-    inner_lr: float = 0.0
-    inner_steps: int = 1
-    order: str = "first"
-    second_order_method: str = "finite_difference"
-    fd_eps: float = 0.01
-    alpha_lr: float | None = None
-    alpha_betas: tuple[float, float] = (0.5, 0.999)
-    alpha_weight_decay: float = 1e-3
-    threshold: float = 0.3
-    stop_rule: str = "margin"
-    deadline_epoch: int | None = None
-    deadline_policy: str = "top2"
-    history_every: int = 10
-
-    def validate(self) -> None:
-        try:
-            check_candidates(self.candidates)
-        except ValueError as exc:
-            raise ValueError(f"pmpl.candidates: {exc}") from None
-        _require(0 < self.split_ratio <= 1, "pmpl.split_ratio", self.split_ratio, "must lie in (0, 1]")
-        _require(0 < self.meta_split < 1, "pmpl.meta_split", self.meta_split, "must lie in (0, 1)")
-        _require(self.meta_source in META_SOURCES, "pmpl.meta_source", self.meta_source,
-                 f"choose from {META_SOURCES}")
-        self.search_config(Recipe())
-
-    def search_config(self, recipe: Recipe) -> PMPLConfig:
-        """The PMPLConfig for a run; null deadline_epoch / alpha_lr come from the recipe."""
-        names = {f.name for f in dataclasses.fields(PMPLConfig)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        if self.deadline_epoch is None:
-            values["deadline_epoch"] = recipe.deadline_epoch
-        if self.alpha_lr is None:
-            values["alpha_lr"] = recipe.alpha_lr
-        return PMPLConfig(**values)
+class ModelParams(_Section):
+    backbone: Backbone = "mobilenetv2_100"
+    width: float = Field(1.0, gt=0)
 
 
-@dataclass
-class ModelParams:
-    backbone: str = "mobilenetv2_100"
-    width: float = 1.0
-
-    def validate(self) -> None:
-        _require(self.backbone in BACKBONES, "model.backbone", self.backbone,
-                 f"choose from {', '.join(BACKBONES)}")
-        _require(self.width > 0, "model.width", self.width, "must be > 0")
-
-
-@dataclass
-class DefaultData:
-    classes: int = 10
-    train_per_class: int = 110
-    val_per_class: int = 40
-    size: int = 40
-
-
-@dataclass
-class WriterParams:
-    max_resolution: int = 256
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5
-    workers: int = 2
-
-
-@dataclass
-class LoaderParams:
-    backend: str = "ffcv"
-    workers: int = 1
-
-
-@dataclass
-class DataParams:
-    imagenet_root: str = ""
-    classes: int | None = None
-    train_per_class: int | None = None
-    val_per_class: int | None = None
-    class_list: str = ""
-    seed: int = 0
-    out_dir: str = "data/prepared"
-    default: DefaultData = field(default_factory=DefaultData)
-    writer: WriterParams = field(default_factory=WriterParams)
-    loader: LoaderParams = field(default_factory=LoaderParams)
-
-    def validate(self) -> None:
-        if self.imagenet_root:
-            root = Path(self.imagenet_root).expanduser()
-            _require(root.is_dir(), "data.imagenet_root", self.imagenet_root,
-                     "no such folder: point it at an ILSVRC2012 root (train/, val/) or leave it "
-                     "empty for the generated default dataset")
-        if self.class_list:
-            _require(Path(self.class_list).is_file(), "data.class_list", self.class_list,
-                     "no such file")
-        for key in ("classes", "train_per_class", "val_per_class"):
-            v = getattr(self, key)
-            _require(v is None or v >= 1, f"data.{key}", v, "must be >= 1 or null (no limit)")
-        _require(self.loader.backend in BACKENDS, "data.loader.backend", self.loader.backend,
-                 f"choose from {BACKENDS}")
-        _require(self.loader.workers >= 0, "data.loader.workers", self.loader.workers, "must be >= 0")
-        _require(1 <= self.writer.jpeg_quality <= 100, "data.writer.jpeg_quality",
-                 self.writer.jpeg_quality, "must lie in [1, 100]")
-        _require(0 <= self.writer.compress_probability <= 1, "data.writer.compress_probability",
-                 self.writer.compress_probability, "must lie in [0, 1]")
-
-
-@dataclass
-class TrainParams:
+class TrainParams(_Section):
     """How a run executes (not what it learns)."""
 
-    threads: int = 2
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
+    threads: int = Field(2, ge=1)
+    nproc: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     sync_bn: bool = False
     channels_last: bool = True
     compile: bool = False
 
-    def validate(self) -> None:
-        for key in ("threads", "nproc", "nnodes"):
-            _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
-        _require(0 <= self.node_rank < self.nnodes, "train.node_rank", self.node_rank,
-                 f"must lie in [0, train.nnodes={self.nnodes})")
-        _require(1 <= self.master_port <= 65535, "train.master_port", self.master_port,
-                 "must be a TCP port in [1, 65535]")
+    @field_validator("master_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError("must be a TCP port in [1, 65535]")
+        return value
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> TrainParams:
+        if self.node_rank >= self.nnodes:
+            raise _invalid(f"train.node_rank={self.node_rank} is invalid: must lie in "
+                           f"[0, train.nnodes={self.nnodes})")
+        return self
 
 
-@dataclass
-class Variant:
-    """One experiment: a mode plus the parameters it overrides."""
+class Variant(_Section):
+    """One experiment: a mode plus what it overrides (``pmpl``: keys of the pmpl section)."""
 
-    mode: str = "baseline"
-    backbone: str | None = None
-    fixed_op: str | None = None
-    attention: str | None = None
+    mode: Mode = "baseline"
+    backbone: Backbone | None = None
+    fixed_op: Literal[DEFAULT_CANDIDATES] | None = None
+    attention: Literal[ATTENTIONS] | None = None
     genotype_from: str | None = None
-    pmpl: dict = field(default_factory=dict)
+    pmpl: dict[str, Any] = Field(default_factory=dict)
 
-    def validate(self, name: str) -> None:
-        k = f"variants.{name}"
-        _require(self.mode in MODES, f"{k}.mode", self.mode, f"choose from {MODES}")
-        if self.backbone is not None:
-            _require(self.backbone in BACKBONES, f"{k}.backbone", self.backbone,
-                     f"choose from {', '.join(BACKBONES)}")
-        if self.mode == "fixed":
-            _require(self.fixed_op in DEFAULT_CANDIDATES, f"{k}.fixed_op", self.fixed_op,
-                     f"choose from {', '.join(DEFAULT_CANDIDATES)}")
-        if self.mode == "attention":
-            _require(self.attention in ATTENTIONS, f"{k}.attention", self.attention,
-                     f"choose from {ATTENTIONS}")
-        if self.mode == "retrain":
-            _require(bool(self.genotype_from), f"{k}.genotype_from", self.genotype_from,
-                     "name the PMPL variant whose genotype to retrain")
+    @model_validator(mode="after")
+    def _mode_needs(self) -> Variant:
+        needs = {"fixed": ("fixed_op", "choose from " + ", ".join(DEFAULT_CANDIDATES)),
+                 "attention": ("attention", "choose from " + ", ".join(ATTENTIONS)),
+                 "retrain": ("genotype_from", "name the PMPL variant whose genotype to retrain")}
+        if self.mode in needs:
+            key, allowed = needs[self.mode]
+            if not getattr(self, key):
+                raise ValueError(f"{key}={getattr(self, key)!r} is invalid: {allowed}")
+        return self
 
 
-@dataclass
-class CompareParams:
+class CompareSettings(_Section):
     """Statistics of the compare stage (METHOD.md section 6)."""
 
-    confidence: float = 0.95
-    resamples: int = 10000
-    min_seeds: int = 5
-    extra_pairs: list[list[str]] = field(default_factory=list)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    resamples: int = Field(10000, ge=100)
+    min_seeds: int = Field(5, ge=2)
+    extra_pairs: list[tuple[str, str]] = Field(default_factory=list)
     out_dir: str = "results"
-
-    def validate(self, variants: dict) -> None:
-        _require(0 < self.confidence < 1, "compare.confidence", self.confidence, "must lie in (0, 1)")
-        _require(self.resamples >= 100, "compare.resamples", self.resamples, "must be >= 100")
-        _require(self.min_seeds >= 2, "compare.min_seeds", self.min_seeds, "must be >= 2")
-        for pair in self.extra_pairs:
-            _require(isinstance(pair, list) and len(pair) == 2 and all(v in variants for v in pair),
-                     "compare.extra_pairs", pair, "each entry is [variant_a, variant_b] of variants")
+    seed: int = 0  # of the bootstrap resampling
 
 
-@dataclass
-class Params:
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1],
+                                                     min_length=1)
     recipe: str = "default"
-    recipes: dict[str, Recipe] = field(default_factory=lambda: {"default": Recipe()})
-    model: ModelParams = field(default_factory=ModelParams)
-    pmpl: PMPLParams = field(default_factory=PMPLParams)
-    data: DataParams = field(default_factory=DataParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    variants: dict[str, Variant] = field(default_factory=lambda: {"baseline": Variant()})
-    # DVC's foreach lists (names of variants per stage group); validated against `variants`
-    stages: dict[str, list[str]] = field(default_factory=dict)
-    compare: CompareParams = field(default_factory=CompareParams)
+    recipes: dict[str, Recipe] = Field(default_factory=lambda: {"default": Recipe()})
+    model: ModelParams = Field(default_factory=ModelParams)
+    pmpl: PMPLSettings = Field(default_factory=PMPLSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainParams = Field(default_factory=TrainParams)
+    variants: dict[str, Variant] = Field(default_factory=lambda: {"baseline": Variant()})
+    # DVC's matrix lists (names of variants per stage group)
+    stages: dict[str, list[str]] = Field(default_factory=dict)
+    compare: CompareSettings = Field(default_factory=CompareSettings)
     runs_dir: str = "runs"
 
-    def validate(self) -> Params:
-        _require(bool(self.seeds) and all(isinstance(s, int) and s >= 0 for s in self.seeds),
-                 "seeds", self.seeds, "a non-empty list of integers >= 0")
-        _require(self.recipe in self.recipes, "recipe", self.recipe,
-                 f"choose from {', '.join(self.recipes)}")
-        for name, recipe in self.recipes.items():
-            recipe.validate(name)
-        self.model.validate()
-        self.pmpl.validate()
-        self.data.validate()
-        self.train.validate()
-        for name, variant in self.variants.items():
-            variant.validate(name)
-            if variant.pmpl:
-                self.variant_pmpl(name)
-        self.compare.validate(self.variants)
+    @model_validator(mode="after")
+    def _cross_references(self) -> Params:
+        if self.recipe not in self.recipes:
+            raise _invalid(f"recipe={self.recipe!r} is invalid: choose from "
+                           f"{', '.join(self.recipes)}")
+        recipe = self.recipes[self.recipe]
+        if recipe.randaugment and self.data.loader.backend == "ffcv":
+            raise _invalid(f"recipes.{self.recipe}.randaugment={recipe.randaugment!r} needs the "
+                           "torchvision loader: set data.loader.backend=torchvision")
+        for name in self.variants:
+            self.variant_pmpl(name)
+        for pair in self.compare.extra_pairs:
+            if not all(v in self.variants for v in pair):
+                raise _invalid(f"compare.extra_pairs={list(pair)!r} is invalid: each entry is "
+                               "[variant_a, variant_b] of variants")
         for group, names in self.stages.items():
             for name in names:
-                _require(name in self.variants, f"stages.{group}", name,
-                         f"unknown variant: define it under variants ({', '.join(self.variants)})")
+                if name not in self.variants:
+                    raise _invalid(f"stages.{group}={name!r} is invalid: unknown variant: define "
+                                   f"it under variants ({', '.join(self.variants)})")
         return self
 
     @property
     def active_recipe(self) -> Recipe:
         return self.recipes[self.recipe]
 
-    def variant_pmpl(self, name: str) -> PMPLParams:
-        """The pmpl section with a variant's overrides applied (and validated)."""
-        merged = dataclasses.replace(self.pmpl)
-        for key, value in self.variants[name].pmpl.items():
-            _check_key(PMPLParams, key, f"variants.{name}.pmpl")
-            setattr(merged, key, value)
-        merged.validate()
-        return merged
-
-    def prepare_config(self):
-        from data_pipelines.prepare import PrepareConfig
-
-        d = self.data
-        return PrepareConfig(
-            imagenet_root=d.imagenet_root or None, classes=d.classes,
-            train_per_class=d.train_per_class, val_per_class=d.val_per_class,
-            class_list=d.class_list or None, seed=d.seed,
-            default_classes=d.default.classes, default_train_per_class=d.default.train_per_class,
-            default_val_per_class=d.default.val_per_class, default_size=d.default.size)
-
-    def writer_config(self):
-        from data_pipelines.betons import WriterConfig
-
-        w = self.data.writer
-        return WriterConfig(max_resolution=w.max_resolution, jpeg_quality=w.jpeg_quality,
-                            compress_probability=w.compress_probability, workers=w.workers,
-                            meta_split=self.pmpl.meta_split, seed=self.data.seed)
+    def variant_pmpl(self, name: str) -> PMPLSettings:
+        """The pmpl section with variant ``name``'s overrides applied (validated)."""
+        overrides = self.variants[name].pmpl
+        if not overrides:
+            return self.pmpl
+        try:
+            return PMPLSettings.model_validate({**self.pmpl.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise _invalid(format_error(exc, PMPLSettings, ("variants", name, "pmpl"))) from None
 
 
-def _check_key(cls, key: str, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=1)
+# ------------------------------------------------------------------ one-line errors
+def _walk(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """The model that ``loc`` ends in and the FieldInfo it names (None: the model itself)."""
+    node: Any = root
+    model, info = None, None
+    for part in loc:
+        while typing.get_origin(node) in (typing.Union, types.UnionType):
+            node = next(a for a in typing.get_args(node) if a is not type(None))
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                return node, None
+            model, info = node, node.model_fields[part]
+            node = info.annotation
+        elif typing.get_origin(node) is dict:
+            model, info = None, None
+            node = typing.get_args(node)[1]
+        else:
+            return model, info
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return node, None
+    return model, info
+
+
+def _bounds(info) -> str:
+    lo = next((("(", m.gt) for m in info.metadata if isinstance(m, Gt)), None) or \
+        next((("[", m.ge) for m in info.metadata if isinstance(m, Ge)), None)
+    hi = next(((")", m.lt) for m in info.metadata if isinstance(m, Lt)), None) or \
+        next((("]", m.le) for m in info.metadata if isinstance(m, Le)), None)
+    if lo and hi:
+        return f"must lie in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    op, value = (">" if lo[0] == "(" else ">=", lo[1]) if lo else ("<" if hi[0] == ")" else "<=",
+                                                                    hi[1])
+    return f"must be {op} {value}"
+
+
+def _one_line(err: dict, root: type[BaseModel], prefix: tuple) -> str:
+    loc = tuple(prefix) + tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind, value = err["type"], err.get("input")
+    model, info = _walk(root, tuple(err["loc"]))
+    if kind == "params":
+        return err["ctx"]["message"]
+    if kind == "extra_forbidden":
+        section = ".".join(str(p) for p in loc[:-1])
+        moved = MOVED.get((str(loc[-2]) if len(loc) > 1 else "", str(loc[-1])))
+        if moved:
+            return f"{key} moved to {moved}: set it there"
+        names = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown key {where}.{key}{hint}: allowed keys are {', '.join(names)}")
+        return (f"unknown key {key}{hint}: allowed keys {'in ' + section + ' ' if section else ''}"
+                f"are {', '.join(names)}")
+    if info is not None and "float" in str(info.annotation) and type(value) is int:
+        value = float(value)  # as the schema coerces it
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{key}={value!r} {_bounds(info)}"
+    if kind == "literal_error":
+        expected = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        return f"{key}={value!r} is invalid: choose from {expected}"
+    if kind == "value_error":
+        message = str(err["ctx"]["error"])
+        if info is None:  # a model-level rule: its message starts with the key in that model
+            return f"{key + '.' if key else ''}{message}"
+        return f"{key}={value!r} is invalid: {message}"
+    if kind == "missing":
+        return f"{key} is missing"
+    if kind.endswith(("_type", "_parsing")):
+        expected = {"string": "str", "model": "mapping", "dict": "mapping"}.get(
+            kind.split("_")[0], kind.split("_")[0])
+        return f"{key}={value!r} is invalid: expected {expected}"
+    return f"{key}={value!r} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
 
 
-def _build(cls, data, where: str):
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'params'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        _check_key(cls, key, where or "params")
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
-def _coerce(hint, value, where: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is dict and args and dataclasses.is_dataclass(args[1]):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping of names to settings")
-        return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        return tuple(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"{where}={value!r} is invalid: expected {hint.__name__}")
-    return value
+def format_error(exc: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
+    """The first error of ``exc`` as one line naming the key (``prefix`` + its location)."""
+    return _one_line(exc.errors(include_url=False)[0], root, prefix)
 
 
 def parse_params(data: dict) -> Params:
     """Validate a params mapping (e.g. ``params.yaml`` after ``-S`` overrides)."""
-    return _build(Params, data, "").validate()
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as exc:
+        raise ValueError(format_error(exc, Params)) from None
 
 
-def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
-    """Read and validate ``params.yaml``; ``overrides`` are ``dotted.key=value`` strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+def load_params(path: str | Path | None, overrides: list[str] | None = None) -> Params:
+    """Read and validate ``params.yaml`` (None: the defaults); ``overrides`` are
+    ``dotted.key=value`` strings with YAML values, as ``dvc exp run -S`` takes them."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"params file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
+        *parents, last = key.split(".")
         target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for part in parents:
             target = target.setdefault(part, {})
-        target[parts[-1]] = yaml.safe_load(raw)
+        target[last] = yaml.safe_load(raw)
     return parse_params(data)
+
+
+# ------------------------------------------------------------------ one run
+class RunConfig(BaseModel):
+    """One training run, resolved from a variant of ``params.yaml``: all the Trainer reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    mode: Mode
+    seed: int
+    out: str
+    checkpoints: str
+    recipe_name: str
+    recipe: Recipe
+    # metapool.models.build_model's arguments but num_classes (known from the prepared data)
+    model_args: dict[str, Any]
+    pmpl: PMPLConfig | None  # PMPL runs only: the settings plus the recipe's schedule
+    data: DataConfig
+    train: TrainParams
+
+    def fingerprint(self, world_size: int, images: dict) -> str:
+        """Hash of everything that decides what this run computes (not where or how fast)."""
+        what = self.model_dump(mode="json", exclude={"out", "checkpoints", "train"})
+        what.update(world_size=world_size, images=images, sync_bn=self.train.sync_bn)
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_run(params: Params, variant: str | None, seed: int, out: str | None = None,
+                mode: str | None = None, genotype: str | None = None,
+                checkpoints: str | None = None) -> RunConfig:
+    """The RunConfig of a named variant (or a bare ``--mode`` with the params' defaults)."""
+    if variant is not None:
+        if variant not in params.variants:
+            raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(params.variants)}")
+        v = params.variants[variant]
+    else:
+        try:
+            v = Variant(mode=mode or "baseline")
+        except ValidationError as exc:
+            raise ValueError(format_error(exc, Variant, ("--mode",))) from None
+        variant = v.mode
+    settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
+    recipe = params.active_recipe
+    out = out or str(Path(params.runs_dir) / variant / f"seed{seed}")
+    args: dict[str, Any] = {"backbone": v.backbone or params.model.backbone,
+                            "enhancer": MODE_ENHANCER[v.mode], "width": params.model.width,
+                            "drop_rate": recipe.drop_rate, "drop_path_rate": recipe.drop_path_rate}
+    if v.mode == "pmpl":
+        args.update(candidates=settings.candidates, split_ratio=settings.split_ratio)
+    elif v.mode == "fixed":
+        args.update(fixed_op=v.fixed_op, split_ratio=settings.split_ratio)
+    elif v.mode == "attention":
+        args.update(attention=v.attention)
+    elif v.mode == "retrain":
+        path = genotype or str(Path(params.runs_dir) / v.genotype_from / f"seed{seed}" /
+                               "artifacts" / "genotype.json")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"genotype {path} does not exist: run the PMPL variant "
+                                    f"{v.genotype_from!r} for seed {seed} first")
+        args.update(genotype=Genotype.load(path).to_dict())
+    pmpl = None
+    if v.mode == "pmpl":
+        pmpl = PMPLConfig(**settings.model_dump(), alpha_lr=recipe.alpha_lr,
+                          deadline_epoch=recipe.deadline_epoch)
+    return RunConfig(variant=variant, mode=v.mode, seed=seed, out=out,
+                     checkpoints=checkpoints or str(Path(out) / "checkpoints"),
+                     recipe_name=params.recipe, recipe=recipe, model_args=args, pmpl=pmpl,
+                     data=params.data, train=params.train)

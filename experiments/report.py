@@ -54,21 +54,10 @@ def genotype_table(runs_dir: str | Path) -> pd.DataFrame:
 
 
 def load_final_model(run: Path) -> torch.nn.Module:
-    """The model a run ended with (the adapted, fixed model for PMPL), on the CPU, eval mode."""
+    """The model a run ended with (the adapted, fixed model for PMPL), on the CPU, eval mode:
+    rebuilt from the constructor arguments saved with its weights."""
     saved = torch.load(run / "artifacts" / "model_final.pt", map_location="cpu", weights_only=False)
-    spec = saved["spec"]
-    kw = {"num_classes": saved["num_classes"]}
-    mode = spec["mode"]
-    if mode == "baseline":
-        model = build_model(spec["backbone"], "none", **kw)
-    elif mode == "pmpl":
-        model = build_model(spec["backbone"], "fixed", genotype=run / "artifacts" / "genotype.json", **kw)
-    elif mode == "retrain":
-        model = build_model(spec["backbone"], "fixed", genotype=spec["genotype"], **kw)
-    elif mode == "fixed":
-        model = build_model(spec["backbone"], "fixed", fixed_op=spec["fixed_op"], **kw)
-    else:
-        model = build_model(spec["backbone"], "attention", attention=spec["attention"], **kw)
+    model = build_model(**saved["model_args"])
     model.load_state_dict(saved["state_dict"])
     return model.eval()
 

@@ -180,12 +180,23 @@ def export_fixed(model: nn.Module) -> nn.Module:
     return model
 
 
+def unused_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Alpha and the dropped candidates of every frozen enhancer of ``model``."""
+    return [p for _, module in enhancers(model) for p in module.unused_parameters()]
+
+
 def release_unused_parameters(model: nn.Module) -> None:
     """Take alpha and the dropped candidates of every frozen enhancer out of autograd, in place
     (the module keeps them, so checkpoints and ``export_fixed`` are unchanged)."""
-    for _, module in enhancers(model):
-        for p in module.unused_parameters():
-            p.requires_grad_(False)
+    for p in unused_parameters(model):
+        p.requires_grad_(False)
+
+
+def copy_freezes(source: nn.Module, target: nn.Module) -> None:
+    """Freeze ``target``'s enhancers as ``source``'s are (an EMA copy follows the search)."""
+    for (_, src), (_, dst) in zip(enhancers(source), enhancers(target), strict=True):
+        if src.frozen and src.chosen != dst.chosen:
+            dst.freeze(src.chosen)
 
 
 def _register(backbone: str) -> None:

@@ -7,9 +7,19 @@ Adding a candidate is one entry in ``CANDIDATES``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from timm.layers.coord_attn import CoordAttn
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate op: how to build it, and the extra receptive field it adds (in pixels of
+    the enhancer's feature map; None: global, as strip_pool sees a whole row and column)."""
+
+    build: Callable[[int], nn.Module]
+    extent: int | None
 
 
 def _strip_pool(channels: int) -> nn.Module:
@@ -18,18 +28,19 @@ def _strip_pool(channels: int) -> nn.Module:
     return CoordAttn(channels, rd_channels=max(8, channels // 32), bias=True)
 
 
-def _max_pool(k: int) -> Callable[[int], nn.Module]:
-    return lambda channels: nn.MaxPool2d(k, stride=1, padding=k // 2)
+def _max_pool(k: int) -> Candidate:
+    return Candidate(lambda channels: nn.MaxPool2d(k, stride=1, padding=k // 2), k)
 
 
-def _avg_pool(k: int) -> Callable[[int], nn.Module]:
+def _avg_pool(k: int) -> Candidate:
     # count_include_pad=False keeps border activations on the same scale as the interior.
-    return lambda channels: nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=False)
+    return Candidate(
+        lambda channels: nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=False), k)
 
 
-CANDIDATES: dict[str, Callable[[int], nn.Module]] = {
-    "skip": lambda channels: nn.Identity(),
-    "strip_pool": _strip_pool,
+CANDIDATES: dict[str, Candidate] = {
+    "skip": Candidate(lambda channels: nn.Identity(), 1),
+    "strip_pool": Candidate(_strip_pool, None),
     "max_pool_3x3": _max_pool(3),
     "max_pool_5x5": _max_pool(5),
     "max_pool_7x7": _max_pool(7),
@@ -39,19 +50,6 @@ CANDIDATES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 DEFAULT_CANDIDATES: tuple[str, ...] = tuple(CANDIDATES)
-
-# Extra receptive field (in input pixels of the enhancer's feature map) each op adds; used
-# by the theoretical receptive-field computation. strip_pool sees a whole row and column.
-KERNEL_EXTENT: dict[str, int | None] = {
-    "skip": 1,
-    "strip_pool": None,
-    "max_pool_3x3": 3,
-    "max_pool_5x5": 5,
-    "max_pool_7x7": 7,
-    "avg_pool_3x3": 3,
-    "avg_pool_5x5": 5,
-    "avg_pool_7x7": 7,
-}
 
 
 def check_candidates(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -72,4 +70,4 @@ def check_candidates(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def build_op(name: str, channels: int) -> nn.Module:
     """Instantiate candidate ``name`` for a feature map with ``channels`` channels."""
     check_candidates([name])
-    return CANDIDATES[name](channels)
+    return CANDIDATES[name].build(channels)

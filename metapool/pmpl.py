@@ -8,69 +8,78 @@ The training loop calls, once per iteration::
 
 ``step`` does one support forward/backward (whose weight gradient is kept for the real update),
 an optional lookahead ``w' = w - inner_lr * g_w``, and a query forward/backward for the
-gradient of alpha; first-order PMPL therefore costs two passes, not three.
+gradient of alpha; first-order PMPL therefore costs two passes, not three. ``SearchPhase``
+drives it inside a training loop (query batches, the deadline, what to release when the search
+ends). ``PMPLSettings`` is ``params.yaml``'s ``pmpl`` section; ``PMPLConfig`` adds the recipe's
+schedule (``alpha_lr``, ``deadline_epoch``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.func import functional_call
 
 from metapool.enhancer import MetaPoolEnhancer
 from metapool.genotype import Genotype, LayerChoice
-from metapool.models import enhancers
-
-STOP_RULES = ("margin", "reference_code", "none")
-DEADLINE_POLICIES = ("top2", "argmax")
-ORDERS = ("first", "second")
-SECOND_ORDER_METHODS = ("finite_difference", "exact")
+from metapool.models import enhancers, unused_parameters
+from metapool.ops import DEFAULT_CANDIDATES, check_candidates
 
 
-@dataclass
-class PMPLConfig:
-    """Every knob of the search; ``params.yaml``'s ``pmpl`` section maps onto it."""
+class PMPLSettings(BaseModel):
+    """The search as ``params.yaml``'s ``pmpl`` section sets it: candidates, the bilevel step,
+    the stopping rule and where query batches come from (METHOD.md sections 1-3)."""
 
-    inner_lr: float = 0.0
-    inner_steps: int = 1
-    order: str = "first"
-    second_order_method: str = "finite_difference"
-    fd_eps: float = 0.01
-    alpha_lr: float = 3e-4
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    split_ratio: float = Field(1.0, gt=0, le=1)
+    # heldout: the meta split of train (default); val: the reference code's leak
+    meta_source: Literal["heldout", "val"] = "heldout"
+    inner_lr: float = Field(0.0, ge=0)
+    inner_steps: int = Field(1, ge=1)
+    order: Literal["first", "second"] = "first"
+    second_order_method: Literal["finite_difference", "exact"] = "finite_difference"
+    fd_eps: float = Field(0.01, gt=0)
     alpha_betas: tuple[float, float] = (0.5, 0.999)
-    alpha_weight_decay: float = 1e-3
-    threshold: float = 0.3
-    stop_rule: str = "margin"
-    deadline_epoch: int = 50
-    deadline_policy: str = "top2"
-    history_every: int = 10
+    alpha_weight_decay: float = Field(1e-3, ge=0)
+    threshold: float = Field(0.3, gt=0, le=1)
+    stop_rule: Literal["margin", "reference_code", "none"] = "margin"
+    deadline_policy: Literal["top2", "argmax"] = "top2"
+    history_every: int = Field(10, ge=1)
 
-    def __post_init__(self) -> None:
-        self.alpha_betas = tuple(self.alpha_betas)
-        checks = [
-            (self.inner_lr >= 0, f"pmpl.inner_lr={self.inner_lr} must be >= 0"),
-            (self.inner_steps >= 1, f"pmpl.inner_steps={self.inner_steps} must be >= 1"),
-            (self.order in ORDERS, f"pmpl.order={self.order!r}: choose from {ORDERS}"),
-            (self.second_order_method in SECOND_ORDER_METHODS,
-             f"pmpl.second_order_method={self.second_order_method!r}: choose from {SECOND_ORDER_METHODS}"),
-            (self.alpha_lr > 0, f"pmpl.alpha_lr={self.alpha_lr} must be > 0"),
-            (self.alpha_weight_decay >= 0, f"pmpl.alpha_weight_decay={self.alpha_weight_decay} must be >= 0"),
-            (0 < self.threshold <= 1, f"pmpl.threshold={self.threshold} must lie in (0, 1]"),
-            (self.stop_rule in STOP_RULES, f"pmpl.stop_rule={self.stop_rule!r}: choose from {STOP_RULES}"),
-            (self.deadline_epoch >= 0, f"pmpl.deadline_epoch={self.deadline_epoch} must be >= 0"),
-            (self.deadline_policy in DEADLINE_POLICIES,
-             f"pmpl.deadline_policy={self.deadline_policy!r}: choose from {DEADLINE_POLICIES}"),
-            (self.fd_eps > 0, f"pmpl.fd_eps={self.fd_eps} must be > 0"),
-            (not (self.order == "second" and self.second_order_method == "finite_difference"
-                  and self.inner_steps != 1),
-             "pmpl.order=second with finite_difference needs inner_steps=1: use second_order_method=exact"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, names: list[str]) -> list[str]:
+        return list(check_candidates(names))
+
+    @model_validator(mode="after")
+    def _second_order_needs_one_inner_step(self) -> PMPLSettings:
+        if (self.order == "second" and self.second_order_method == "finite_difference"
+                and self.inner_steps != 1):
+            # relative to the section: params' errors prefix it with where it stands
+            raise ValueError("order=second with finite_difference needs inner_steps=1: "
+                             "use second_order_method=exact")
+        return self
+
+
+class PMPLConfig(PMPLSettings):
+    """Everything the search needs: the settings plus its schedule, which belongs to the
+    training recipe (``recipes.<name>.alpha_lr`` and ``deadline_epoch``)."""
+
+    alpha_lr: float = Field(3e-4, gt=0)
+    deadline_epoch: int = Field(50, ge=0)
+
+
+def top2_margin(probs: torch.Tensor) -> float:
+    """``p_top1 - p_top2`` of a probability vector (the paper's Eq. 4)."""
+    top = torch.topk(probs, min(2, len(probs))).values
+    return float(top[0] - (top[1] if len(top) > 1 else 0.0))
 
 
 @dataclass
@@ -152,16 +161,15 @@ class ProgressiveMetaPooling:
         if self.active:
             if query is None:
                 raise ValueError("PMPL is still searching but no query batch was given")
-            g_w = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                   for p in self.weights]
+            # The hypergradient takes no weight gradient into p.grad (autograd.grad only), so
+            # g_w stays in place for the optimizer: no copy needed.
+            g_w = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.weights]
             grad_alpha = self.hypergradient(support, query, g_w)
             for a, g in zip(self.alphas, grad_alpha, strict=True):
                 a.grad = g
             self._allreduce_alpha_grad()
             self.alpha_optimizer.step()
             self._check_finite_alpha(epoch)
-            for p, g in zip(self.weights, g_w, strict=True):
-                p.grad = g
         for a in self.alphas:
             a.grad = None  # alpha is never touched by the weight optimizer
         self.global_step += 1
@@ -179,15 +187,14 @@ class ProgressiveMetaPooling:
             if module.frozen:
                 continue
             probs = module.probabilities()
-            top2 = torch.topk(probs, min(2, len(probs)))
-            margin = float(top2.values[0] - (top2.values[1] if len(probs) > 1 else 0.0))
+            margin = top2_margin(probs)
             if margin >= self.cfg.threshold:
                 if self.cfg.stop_rule == "reference_code":
                     # The reference code indexed the candidates with the boolean result of the
                     # margin test: True == 1 -> always candidate #1 (strip_pool).
                     chosen = [int(margin >= self.cfg.threshold)]
                 else:
-                    chosen = [int(top2.indices[0])]
+                    chosen = [int(torch.topk(probs, min(2, len(probs))).indices[0])]
                 frozen.append(self._freeze(name, module, chosen, epoch, self.cfg.stop_rule))
         return frozen
 
@@ -252,6 +259,12 @@ class ProgressiveMetaPooling:
                     rows.append({"step": step, "epoch": epoch, "layer": name,
                                  "candidate": cand, "prob": p})
         return rows
+
+    def freeze_table(self) -> list[dict]:
+        """One row per freeze event: layer, kept op(s), step, epoch, reason and margin."""
+        return [{"layer": e.layer, "ops": "+".join(self.candidates[i] for i in e.ops),
+                 "step": e.step, "epoch": e.epoch, "reason": e.reason,
+                 "margin": top2_margin(torch.tensor(e.probs))} for e in self.events]
 
     # ----------------------------------------------------------------- the hypergradient
     def hypergradient(self, support, query, g_w: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -369,3 +382,52 @@ class ProgressiveMetaPooling:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for a in self.alphas:
                 dist.broadcast(a.data, src=0)
+
+
+class SearchPhase:
+    """PMPL inside a training loop: cycles the query batches, applies the deadline, and tells
+    the loop when the search has ended and which parameters no longer take part.
+
+    ``queries`` is a re-iterable of ``(x, y)`` batches with ``set_epoch(int)`` (a data stream
+    whose order is fixed by the epoch). The meta split is small, so it is cycled, each lap in
+    the order of (epoch, lap): a resumed run sees the same query batches.
+    """
+
+    def __init__(self, search: ProgressiveMetaPooling, queries: Iterable) -> None:
+        self.search = search
+        self.queries = queries
+        self._batches: Iterator | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while at least one layer is still searching."""
+        return self.search.active
+
+    def start_epoch(self, epoch: int) -> bool:
+        """Apply the deadline at the start of ``epoch``; True when layers were just frozen."""
+        frozen = bool(self.search.on_epoch_start(epoch))
+        self._batches = self._cycle(epoch) if self.active else None
+        return frozen
+
+    def step(self, support: tuple[torch.Tensor, torch.Tensor], epoch: int) -> torch.Tensor:
+        """The bilevel step on ``support`` and the next query batch (leaves g_w in p.grad)."""
+        return self.search.step(support, next(self._batches), epoch)
+
+    def after_step(self, epoch: int) -> bool:
+        """The stopping rule after the weight update; True when layers were just frozen."""
+        return bool(self.search.after_step(epoch))
+
+    def finish(self, epoch: int) -> bool:
+        """Fix every layer still searching (deadline policy); True when any was."""
+        return bool(self.search.finalize(epoch)) if self.active else False
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Alpha and the dropped candidates of every frozen layer: what DDP must not wait for."""
+        return unused_parameters(self.search.net)
+
+    def _cycle(self, epoch: int) -> Iterator:
+        lap = 0
+        while True:
+            self.queries.set_epoch(epoch * 1000 + lap)
+            yield from self.queries
+            lap += 1

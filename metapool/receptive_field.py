@@ -12,7 +12,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from torch import nn
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
-from metapool.ops import KERNEL_EXTENT
+from metapool.ops import CANDIDATES
 
 
 def _enhancer_extent(module: nn.Module) -> int | None:
@@ -26,7 +26,7 @@ def _enhancer_extent(module: nn.Module) -> int | None:
         names = [module.candidates[i] for i in idx]
     else:
         return 1
-    extents = [KERNEL_EXTENT[n] for n in names]
+    extents = [CANDIDATES[n].extent for n in names]
     return None if any(e is None for e in extents) else max(extents)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from metapool.pmpl import PMPLConfig, ProgressiveMetaPooling
-from tests.conftest import TinySearchNet
+from tests.helpers import TinySearchNet
 
 
 def main(mode: str, out: str) -> None:

@@ -1,4 +1,5 @@
-"""Tiny end-to-end fixtures shared by the training, pipeline and reliability tests."""
+"""Helpers shared by the tests: a tiny searchable net, tiny end-to-end params, running the
+`metapool` command, signalling a run and comparing the metrics of two runs."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,32 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
+
+from metapool.enhancer import MetaPoolEnhancer
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class TinySearchNet(nn.Module):
+    """conv -> BN -> ReLU -> two enhancers -> pool -> linear: small enough for exact checks."""
+
+    def __init__(self, candidates=("skip", "max_pool_3x3", "avg_pool_3x3", "strip_pool"),
+                 channels: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels),
+                                  nn.ReLU())
+        self.enh1 = MetaPoolEnhancer(channels, candidates)
+        self.mid = nn.Conv2d(channels, channels, 3, padding=1)
+        self.enh2 = MetaPoolEnhancer(channels, candidates)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enh2(self.mid(self.enh1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
 
 # A run of a few seconds: 3 classes, 32px, 2 epochs, batch 8.
 TINY = {
@@ -42,7 +66,7 @@ def write_params(path: Path, data_dir: Path, runs_dir: Path, extra: dict | None 
 def metapool(*args: str, cwd: Path | None = None, timeout: int = 600,
              check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "metapool.cli", *args], cwd=cwd or REPO,
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"metapool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -53,7 +77,7 @@ def signal_after_checkpoint(args: list[str], checkpoint: Path, sig: int,
                             threads: int = 2) -> tuple[int, str]:
     """Start ``metapool *args``, send ``sig`` once ``checkpoint`` exists; (exit code, output)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "metapool.cli", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not checkpoint.exists():

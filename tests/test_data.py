@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 from data_pipelines import betons
-from data_pipelines.betons import WriterConfig, check_image, write_betons
-from data_pipelines.loaders import LoaderConfig, ffcv_stream, torchvision_stream
-from data_pipelines.manifest import build_subset, meta_holdout, read_manifest, write_manifest
+from data_pipelines.betons import check_image, check_images, write_betons
+from data_pipelines.config import DataConfig, WriterConfig
+from data_pipelines.loaders import LoaderConfig, build_streams, ffcv_stream, torchvision_stream
+from data_pipelines.manifest import build_subset, read_manifest, split_meta, write_manifest
+from data_pipelines.prepare import prepare
 from data_pipelines.synthetic import CLASS_NAMES, generate
 
 WNIDS = ["n01000001", "n01000002", "n01000003"]
@@ -93,13 +95,17 @@ def test_class_list_file(tmp_path):
 def test_meta_split_is_disjoint_and_seeded(tmp_path):
     root = make_tree(tmp_path / "imagenet", "folders", train_per_class=10)
     records = build_subset(root)
-    train, meta = meta_holdout(records, 0.3, seed=1)
-    assert not {r.path for r in train} & {r.path for r in meta}
+    marked = split_meta(records, 0.3, seed=1)
+    meta = [r for r in marked if r.split == "meta"]
+    train = [r for r in marked if r.split == "train"]
+    assert [(r.path, r.label) for r in marked] == [(r.path, r.label) for r in records]
     assert len(train) + len(meta) == 30 and len(meta) == 9
     assert {r.label for r in meta} == {0, 1, 2}
-    assert meta_holdout(records, 0.3, seed=1) == (train, meta)
-    with pytest.raises(ValueError, match=r"pmpl.meta_split=1.5 must lie in \(0, 1\)"):
-        meta_holdout(records, 1.5, 0)
+    assert [r for r in marked if r.split == "val"] == [r for r in records if r.split == "val"]
+    assert split_meta(records, 0.3, seed=1) == marked
+    assert split_meta(records, 0.3, seed=2) != marked
+    with pytest.raises(ValueError, match=r"data.meta_split=1.5 must lie in \(0, 1\)"):
+        split_meta(records, 1.5, 0)
 
 
 @pytest.mark.parametrize("what,expected", [
@@ -136,13 +142,18 @@ def test_gotchas_are_decoded_or_skipped(tmp_path):
     assert check_image(str(cls / "empty.JPEG")) == "empty file"
     records = build_subset(root)
     assert not any(r.path.endswith(("notes.txt", ".DS_Store")) for r in records)
-    report = write_betons(records, tmp_path / "out", WriterConfig(workers=1, meta_split=0.25))
-    assert report["skipped"] == 2
-    assert sorted(Path(s["path"]).name for s in report["skipped_files"]) == [
-        "empty.JPEG", "truncated.JPEG"]
-    saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["skipped"] == 2
-    assert sum(report["images"].values()) == len(records) - 2
+    good, skipped = check_images(records, workers=1)
+    assert sorted(Path(s["path"]).name for s in skipped) == ["empty.JPEG", "truncated.JPEG"]
+    # preparation drops them before the writer and lists them; the manifest holds the rest
+    report = prepare(tmp_path / "out", DataConfig(imagenet_root=str(root), meta_split=0.25,
+                                                  writer={"workers": 1}))
+    assert report["skipped"] == 2 and json.loads((tmp_path / "out" / "report.json").read_text()
+                                                 )["skipped_files"] == skipped
+    assert sum(report["images"].values()) == len(records) - 2 == len(good)
+    manifest = read_manifest(tmp_path / "out" / "manifest.csv")
+    assert {r.path for r in manifest} == {r.path for r in good}
+    assert {r.split: sum(m.split == r.split for m in manifest) for r in manifest} == \
+        report["images"]
 
 
 def _read_beton(path: Path):
@@ -162,10 +173,9 @@ def _read_beton(path: Path):
 
 def test_beton_round_trip_and_loader(tmp_path):
     root = make_tree(tmp_path / "imagenet", "csv", train_per_class=8, val_per_class=3)
-    records = build_subset(root)
-    report = write_betons(records, tmp_path / "out",
-                          WriterConfig(workers=1, meta_split=0.25, max_resolution=32))
-    assert report["images"] == {"train": 18, "meta": 6, "val": 9}
+    records = split_meta(build_subset(root), 0.25, seed=0)
+    counts = write_betons(records, tmp_path / "out", WriterConfig(workers=1, max_resolution=32))
+    assert counts == {"train": 18, "meta": 6, "val": 9}
     images, labels = _read_beton(tmp_path / "out" / "val.beton")
     val = [r for r in records if r.split == "val"]
     assert len(images) == 9 and [int(v) for v in labels] == [r.label for r in val]
@@ -190,7 +200,6 @@ def test_beton_round_trip_and_loader(tmp_path):
 
 def test_interrupted_write_leaves_no_complete_looking_file(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "imagenet", "folders")
-    records = build_subset(root)
     out = tmp_path / "out"
 
     from ffcv.writer import DatasetWriter
@@ -201,9 +210,9 @@ def test_interrupted_write_leaves_no_complete_looking_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", crash)
     with pytest.raises(KeyboardInterrupt):
-        write_betons(records, out, WriterConfig(workers=1))
+        prepare(out, DataConfig(imagenet_root=str(root), writer={"workers": 1}))
     assert list(out.glob("*.beton")) == [] and list(out.glob(".*")) == []
-    assert not (out / "report.json").exists()
+    assert not (out / "report.json").exists()  # what tells the trainer the data is ready
 
 
 def test_generated_dataset_layout_and_determinism(tmp_path):
@@ -220,3 +229,25 @@ def test_generated_dataset_layout_and_determinism(tmp_path):
     records = build_subset(a)  # the same code path as real ImageNet (flat val + csv)
     assert sum(r.split == "val" for r in records) == 8
     assert json.loads((a / "classes.json").read_text())["wnids"]["n90000000"] == CLASS_NAMES[0]
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torchvision"])
+def test_build_streams_reads_the_splits_of_the_manifest(tmp_path, backend):
+    """One function picks the backend; both read the same train/meta/val images."""
+    root = make_tree(tmp_path / "imagenet", "folders", train_per_class=8, val_per_class=3)
+    data = DataConfig(imagenet_root=str(root), meta_split=0.25, out_dir=str(tmp_path / "out"),
+                      writer={"workers": 1}, loader={"backend": backend, "workers": 0})
+    prepare(data.out_dir, data)
+    manifest = read_manifest(tmp_path / "out" / "manifest.csv")
+    kw = dict(img_size=16, batch_size=4, scale=(0.5, 1.0), seed=0)
+    streams = build_streams(data, **kw, meta_source="heldout")
+    assert type(streams.train).__name__.lower().startswith(backend)
+    sizes = {name: getattr(streams, name).num_samples for name in ("train", "meta", "val")}
+    assert sizes == {s: sum(r.split == s for r in manifest) for s in ("train", "meta", "val")}
+    labels = sorted(int(v) for _, y in streams.val for v in y)
+    assert labels == sorted(r.label for r in manifest if r.split == "val")
+    assert build_streams(data, **kw).meta is None  # no search, no query stream
+    leak = build_streams(data, **kw, meta_source="val").meta
+    assert leak.num_samples == sizes["val"]  # the reference code's leak: alpha on val
+    with pytest.raises(ValueError, match="too few for a query batch: raise data.meta_split"):
+        build_streams(data, **{**kw, "img_size": 16}, world_size=4, meta_source="heldout")

@@ -83,7 +83,7 @@ def _two_nodes(params: Path, out: Path, port: int,
     their exit codes and outputs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(
-        [sys.executable, "-m", "metapool.cli", *_train_args(params, out), "--set", "train.nproc=1",
+        [sys.executable, "-m", "experiments.cli", *_train_args(params, out), "--set", "train.nproc=1",
          "--set", "train.nnodes=2", "--set", f"train.node_rank={rank}",
          "--set", "train.master_addr=127.0.0.1", "--set", f"train.master_port={port}",
          *extra(rank)],

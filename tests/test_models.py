@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import create_attn
 
 import metapool  # noqa: F401  (registers metapool_* with timm)
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
@@ -131,8 +132,12 @@ def test_export_fixed_keeps_outputs_and_drops_unused_parameters():
 def test_attention_ablation_uses_timm_modules(attention):
     model = timm.create_model("metapool_mobilenetv2_100", attention=attention, num_classes=10)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
-    assert n_params(model) > n_params(timm.create_model("mobilenetv2_100", num_classes=10)) or (
-        attention == "eca")
+    slots = [model.get_submodule(name).se for name in slot_names("mobilenetv2_100")]
+    assert len(slots) == 16
+    for module in slots:  # every slot holds the module timm builds for that name
+        assert type(module) is type(create_attn(attention, 32))
+    added = n_params(model) - n_params(timm.create_model("mobilenetv2_100", num_classes=10))
+    assert added == sum(n_params(m) for m in slots) > 0
 
 
 @pytest.mark.parametrize("backbone,count", [

@@ -7,11 +7,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 import metapool  # noqa: F401
 from metapool.genotype import Genotype
-from metapool.pmpl import PMPLConfig, ProgressiveMetaPooling
-from tests.conftest import TinySearchNet
+from metapool.pmpl import PMPLConfig, ProgressiveMetaPooling, SearchPhase
+from tests.helpers import TinySearchNet
 
 SMOOTH = ("skip", "avg_pool_3x3", "strip_pool")  # differentiable everywhere: fair FD check
 
@@ -72,9 +73,15 @@ def test_inner_lr_changes_the_alpha_update(tiny_batches):
     assert not torch.allclose(alphas[0], alphas[1])
 
 
-def test_step_reuses_the_support_gradient_for_the_weight_update(tiny_net, tiny_batches):
+@pytest.mark.parametrize("cfg", [
+    {"inner_lr": 0.0}, {"inner_lr": 0.5}, {"inner_lr": 0.5, "inner_steps": 3},
+    {"inner_lr": 0.5, "order": "second"},
+    {"inner_lr": 0.5, "order": "second", "second_order_method": "exact", "inner_steps": 2}])
+def test_step_reuses_the_support_gradient_for_the_weight_update(tiny_net, tiny_batches, cfg):
+    """The hypergradient never writes p.grad: after the step the weights hold exactly the
+    support gradient (in every mode), which the recipe's optimizer then applies."""
     support, query = tiny_batches
-    search = _search(tiny_net, inner_lr=0.5)
+    search = _search(tiny_net, **cfg)
     reference = copy.deepcopy(tiny_net)
     loss = F.cross_entropy(reference(support[0]), support[1])
     loss.backward()
@@ -211,12 +218,52 @@ def test_nan_alpha_stops_with_a_clear_message(tiny_net, tiny_batches):
         search.step(support, query, epoch=0)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"inner_lr": -0.1}, "pmpl.inner_lr=-0.1 must be >= 0"),
-    ({"threshold": 0.0}, r"pmpl.threshold=0.0 must lie in \(0, 1\]"),
-    ({"stop_rule": "magic"}, "pmpl.stop_rule='magic': choose from"),
+@pytest.mark.parametrize("kwargs,field", [
+    ({"inner_lr": -0.1}, "inner_lr"),
+    ({"threshold": 0.0}, "threshold"),
+    ({"stop_rule": "magic"}, "stop_rule"),
+    ({"candidates": ["skip", "max_pool_9x9"]}, "unknown candidate op 'max_pool_9x9'"),
     ({"order": "second", "inner_steps": 2}, "needs inner_steps=1"),
 ])
-def test_config_errors_name_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValidationError, match=field):
         PMPLConfig(**kwargs)
+
+
+class _Queries:
+    """A re-iterable of batches that records the epochs it was positioned at."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.positions = batches, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.positions.append(epoch)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_search_phase_cycles_queries_and_reports_what_froze(tiny_net, tiny_batches):
+    support, query = tiny_batches
+    queries = _Queries([query, query])
+    phase = SearchPhase(_search(tiny_net, alpha_lr=0.1, threshold=1.0, deadline_epoch=2), queries)
+    assert not phase.start_epoch(0) and phase.active
+    for _ in range(5):
+        phase.step(support, epoch=0)
+        assert not phase.after_step(epoch=0)
+    assert queries.positions == [0, 1, 2]  # three laps over two batches, in (epoch, lap) order
+    assert not phase.start_epoch(1)
+    phase.step(support, epoch=1)
+    assert queries.positions[-1] == 1000  # epoch 1, lap 0
+    assert phase.unused_parameters() == []
+    assert phase.start_epoch(2) and not phase.active  # the deadline froze both layers
+    rows = phase.search.freeze_table()
+    assert [(r["layer"], r["reason"], r["step"]) for r in rows] == [
+        ("enh1", "deadline", 6), ("enh2", "deadline", 6)]
+    assert all(len(r["ops"].split("+")) == 2 and 0 <= r["margin"] < 1 for r in rows)
+    unused = {id(p) for p in phase.unused_parameters()}
+    assert {id(a) for a in phase.search.alphas} <= unused
+    tiny_net.zero_grad(set_to_none=True)
+    tiny_net(support[0]).sum().backward()
+    assert unused == {id(p) for p in tiny_net.parameters() if p.grad is None}
+    assert not phase.finish(epoch=2)  # nothing left to fix

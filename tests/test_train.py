@@ -4,15 +4,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from experiments.config import load_params
-from experiments.distributed import Dist
-from experiments.train import Trainer, resolve_run
+from experiments.config import load_params, resolve_run
+from experiments.distributed import Dist, cpu_threads
+from experiments.train import Trainer
 from tests.helpers import assert_same_metrics, metapool, signal_after_checkpoint, write_params
 
 pytestmark = pytest.mark.slow
@@ -31,13 +32,27 @@ def _history(run: Path) -> list[dict]:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def test_training_decreases_the_loss(tiny):
+def _train_args(params: Path, variant: str, out: Path) -> list[str]:
+    return ["train", "--params", str(params), "--variant", variant, "--seed", "1",
+            "--set", "recipes.default.epochs=3", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Uninterrupted 3-epoch runs of the baseline and PMPL, shared by the tests below (the
+    resume tests compare against them)."""
     root, params = tiny
-    out = root / "runs" / "learn"
-    metapool("train", "--params", str(params), "--variant", "baseline", "--seed", "0",
-             "--out", str(out), "--set", "recipes.default.epochs=4")
+    runs = {}
+    for variant in ("baseline", "pmpl"):
+        runs[variant] = root / "runs" / f"straight-{variant}"
+        metapool(*_train_args(params, variant, runs[variant]))
+    return runs
+
+
+def test_training_decreases_the_loss(reference):
+    out = reference["baseline"]
     losses = [float(r["train_loss"]) for r in _history(out)]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 3 and losses[-1] < losses[0]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("top1", "top5", "val_loss", "params", "macs_224", "train_seconds",
                 "train_images_per_s", "cpu_latency_ms_224"):
@@ -46,20 +61,38 @@ def test_training_decreases_the_loss(tiny):
         assert len(list(csv.DictReader(fh))) == 18  # every val image, 3 classes x 6
 
 
-def test_pmpl_freezes_every_layer_by_its_deadline(tiny):
-    root, params = tiny
-    out = root / "runs" / "pmpl"
-    metapool("train", "--params", str(params), "--variant", "pmpl", "--seed", "0",
-             "--out", str(out))
+def test_pmpl_freezes_every_layer_by_its_deadline(reference):
+    out = reference["pmpl"]
     geno = json.loads((out / "artifacts" / "genotype.json").read_text())
     assert len(geno["layers"]) == 16
     assert all(layer["epoch"] <= 1 and layer["ops"] for layer in geno["layers"])
     with (out / "artifacts" / "alpha_history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows and {r["candidate"] for r in rows} == set(geno["candidates"])
+    with (out / "artifacts" / "freeze_events.csv").open() as fh:
+        events = list(csv.DictReader(fh))
+    assert sorted(e["layer"] for e in events) == sorted(layer["layer"] for layer in geno["layers"])
     metrics = json.loads((out / "metrics.json").read_text())
     # the reported cost is the adapted model's: no alpha, only the kept ops
     assert metrics["frozen_ops"] == {layer["layer"]: layer["ops"] for layer in geno["layers"]}
+
+
+def test_saved_model_rebuilds_from_its_own_arguments(reference, tiny):
+    """model_final.pt carries build_model's arguments: one builder rebuilds any saved model,
+    and the rebuilt PMPL model is the adapted one (only the kept ops, no alpha)."""
+    from experiments.report import load_final_model
+    from metapool.models import enhancers
+
+    root, _ = tiny
+    for variant, out in reference.items():
+        saved = torch.load(out / "artifacts" / "model_final.pt", weights_only=False)
+        model = load_final_model(out)
+        assert saved["model_args"]["num_classes"] == 3
+        assert sum(p.numel() for p in model.parameters()) == \
+            json.loads((out / "metrics.json").read_text())["params"]
+        if variant == "pmpl":
+            assert saved["model_args"]["enhancer"] == "fixed" and not enhancers(model)
+            assert not any(n.endswith("alpha") for n, _ in model.named_parameters())
 
 
 def _run_until_checkpoint(args: list[str], ckpt_dir: Path, sig: int) -> None:
@@ -72,16 +105,14 @@ def _run_until_checkpoint(args: list[str], ckpt_dir: Path, sig: int) -> None:
 
 
 @pytest.mark.parametrize("variant,sig", [("pmpl", signal.SIGKILL), ("baseline", signal.SIGTERM)])
-def test_killed_run_resumes_to_the_same_result(tiny, variant, sig):
+def test_killed_run_resumes_to_the_same_result(tiny, reference, variant, sig):
     root, params = tiny
-    base = ["train", "--params", str(params), "--variant", variant, "--seed", "1",
-            "--set", "recipes.default.epochs=3"]
-    straight, killed = root / "runs" / f"straight-{variant}", root / "runs" / f"killed-{variant}"
-    metapool(*base, "--out", str(straight))
-    _run_until_checkpoint([*base, "--out", str(killed)], killed / "checkpoints", sig)
+    killed = root / "runs" / f"killed-{variant}"
+    _run_until_checkpoint(_train_args(params, variant, killed), killed / "checkpoints", sig)
     assert not (killed / "metrics.json").exists()
-    resumed = metapool(*base, "--out", str(killed))
+    resumed = metapool(*_train_args(params, variant, killed))
     assert "resuming" in resumed.stdout
+    straight = reference[variant]
     assert_same_metrics(straight, killed)
     assert (straight / "artifacts" / "predictions.csv").read_text() == \
         (killed / "artifacts" / "predictions.csv").read_text()
@@ -91,18 +122,16 @@ def test_killed_run_resumes_to_the_same_result(tiny, variant, sig):
         assert ga == gb
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny, reference):
     root, params = tiny
     out = root / "runs" / "corrupt"
-    args = ["train", "--params", str(params), "--variant", "baseline", "--seed", "0",
-            "--out", str(out), "--set", "recipes.default.epochs=2"]
-    metapool(*args)
+    shutil.copytree(reference["baseline"], out)  # a finished run whose last output is lost
     (out / "metrics.json").unlink()
-    latest = out / "checkpoints" / "ckpt_epoch0001.pt"
+    latest = out / "checkpoints" / "ckpt_epoch0002.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
-    rerun = metapool(*args)
+    rerun = metapool(*_train_args(params, "baseline", out))
     assert "unreadable" in rerun.stderr and "resuming" in rerun.stdout
-    assert json.loads((out / "metrics.json").read_text())["top1"] >= 0
+    assert_same_metrics(reference["baseline"], out)  # epoch 2 trained again, to the same result
 
 
 def test_changed_parameters_do_not_resume_stale_checkpoints(tiny):
@@ -117,24 +146,18 @@ def test_changed_parameters_do_not_resume_stale_checkpoints(tiny):
 
 def test_nan_loss_stops_with_the_step_and_checkpoint(tiny, monkeypatch):
     root, params = tiny
-    p = load_params(params)
-    spec, pmpl = resolve_run(p, "baseline", 0, str(root / "runs" / "nan"))
-    trainer = Trainer(p, spec, pmpl, Dist())
+    run = resolve_run(load_params(params), "baseline", 0, str(root / "runs" / "nan"))
+    trainer = Trainer(run, Dist())
     trainer.loss_plain = lambda out, y: out.sum() * float("nan")
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 0 step 0 .*no checkpoint yet"):
         trainer.fit()
-    assert torch.get_num_threads() >= 1
+    # the FFCV loader set torch's threads to its worker count; the stream restored train.threads
+    assert torch.get_num_threads() == cpu_threads(run.train.threads, Dist())
 
 
 @pytest.mark.parametrize("threads,local_procs,cores,expected", [
     (2, 1, 2, 2), (2, 2, 2, 1), (8, 2, 16, 8), (8, 4, 16, 4), (1, 4, 2, 1)])
 def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch, threads, local_procs, cores, expected):
-    from types import SimpleNamespace
-
-    from experiments.config import TrainParams
-
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_procs))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    fake = SimpleNamespace(params=SimpleNamespace(train=TrainParams(threads=threads)),
-                           device=torch.device("cpu"), dist=Dist())
-    assert Trainer._cpu_threads(fake) == expected
+    assert cpu_threads(threads, Dist()) == expected
