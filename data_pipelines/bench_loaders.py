@@ -1,11 +1,15 @@
 """Benchmark: images/s of the FFCV and torchvision train loaders on the same images.
 
-    python -m data_pipelines.bench_loaders --data data/prepared --img-size 64 --workers 2
+    python -m data_pipelines.bench_loaders --data data/prepared --img-size 224 --workers 2 \\
+        --randaugment rand-m9-mstd0.5 --interpolation bicubic
 
 Same images (the prepared train split), same output resolution, same worker count, same batch
-size, same augmentation (random resized crop + flip + normalise). Each loader runs ``--epochs``
-epochs after one warm-up epoch (FFCV compiles its pipeline with numba there; torchvision starts
-its workers), alternating, and the best epoch of each is reported with the ratio.
+size, same augmentation (random resized crop + flip, the interpolation, normalise). With
+``--randaugment`` the FFCV path is measured twice - without and with the batched RandAugment
+applied after the loader (on the CPU here: its device is the batch's) - and the torchvision
+path with timm's per-image RandAugment in its workers. Each loader runs ``--epochs`` epochs
+after one warm-up epoch (FFCV compiles its pipeline with numba there; torchvision starts its
+workers), alternating, and the best epoch of each is reported with the ratios.
 """
 from __future__ import annotations
 
@@ -33,25 +37,37 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"])
+    ap.add_argument("--randaugment", default="", help="e.g. rand-m9-mstd0.5")
     args = ap.parse_args()
     data = Path(args.data)
     train = [r for r in read_manifest(data / "manifest.csv") if r.split == "train"]
     torch.set_num_threads(1)
     cfg = LoaderConfig(img_size=args.img_size, batch_size=args.batch, workers=args.workers,
-                       seed=0)
-    ffcv = ffcv_stream(str(data / "train.beton"), True, cfg, drop_last=False)
-    tv = torchvision_stream(train, True, cfg, drop_last=False)
-    assert ffcv.num_samples == tv.num_samples, "the two loaders must read the same images"
-    _epoch(ffcv), _epoch(tv)  # warm-up
-    rates = {"ffcv": [], "torchvision": []}
+                       seed=0, interpolation=args.interpolation)
+    ra_cfg = LoaderConfig(**{**vars(cfg), "randaugment": args.randaugment})
+    streams = {"ffcv": ffcv_stream(str(data / "train.beton"), True, cfg, drop_last=False),
+               "torchvision": torchvision_stream(train, True, ra_cfg, drop_last=False)}
+    if args.randaugment:
+        streams["ffcv_randaugment"] = ffcv_stream(str(data / "train.beton"), True, ra_cfg,
+                                                  drop_last=False)
+    sizes = {s.num_samples for s in streams.values()}
+    assert len(sizes) == 1, "the loaders must read the same images"
+    for stream in streams.values():  # warm-up
+        _epoch(stream)
+    rates = {name: [] for name in streams}
     for _ in range(args.epochs):
-        rates["ffcv"].append(_epoch(ffcv))
-        rates["torchvision"].append(_epoch(tv))
-    result = {"images": int(ffcv.num_samples), "img_size": args.img_size, "batch": args.batch,
-              "workers": args.workers,
-              "ffcv_images_per_s": round(max(rates["ffcv"]), 1),
-              "torchvision_images_per_s": round(max(rates["torchvision"]), 1)}
-    result["ratio"] = round(result["ffcv_images_per_s"] / result["torchvision_images_per_s"], 2)
+        for name, stream in streams.items():
+            rates[name].append(_epoch(stream))
+    result = {"images": int(sizes.pop()), "img_size": args.img_size, "batch": args.batch,
+              "workers": args.workers, "interpolation": args.interpolation,
+              "randaugment": args.randaugment or None}
+    result.update({f"{name}_images_per_s": round(max(r), 1) for name, r in rates.items()})
+    best = result.get("ffcv_randaugment_images_per_s", result["ffcv_images_per_s"])
+    result["ratio_ffcv_over_torchvision"] = round(best / result["torchvision_images_per_s"], 2)
+    if args.randaugment:
+        result["randaugment_cost"] = round(
+            result["ffcv_images_per_s"] / result["ffcv_randaugment_images_per_s"], 2)
     print(json.dumps(result))
 
 

@@ -40,67 +40,90 @@ class LoaderConfig:
     distributed: bool = False
     channels_last: bool = False
     device: str = "cpu"
+    interpolation: str = "bilinear"  # bilinear | bicubic (PIL's antialiased filters)
+    randaugment: str = ""  # timm's RandAugment string; train streams only
 
 
-def _seeded_decoder_class():
+def _decoder_classes():
+    """FFCV decoders that crop and resize with PIL's filters (``data_pipelines.resize``): the
+    seeded RandomResizedCrop + flip of training and the centre crop of evaluation."""
     from ffcv.fields.rgb_image import (
         IMAGE_MODES,
+        CenterCropRGBImageDecoder,
         RandomResizedCropRGBImageDecoder,
+        get_center_crop,
         get_random_crop,
         imdecode,
-        resize_crop,
     )
     from ffcv.pipeline.compiler import Compiler
+
+    from data_pipelines.resize import INTERPOLATIONS, resize_crop
+
+    def generate(self, train: bool):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        # both take (height, width, scale, ratio); the centre crop ignores scale
+        get_crop_c = Compiler.compile(get_random_crop if train else get_center_crop)
+        scale = np.array(self.scale) if train else np.zeros(2)
+        ratio = np.array(self.ratio) if train else self.ratio
+        seed, flip_prob, kernel = self.seed, self.flip_prob, self.kernel
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            batch_key = 0
+            for k in range(len(batch_indices)):
+                batch_key = (batch_key * 1000003 + batch_indices[k] + 1) % 2147483647
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                np.random.seed((seed * 7919 + batch_key * 104729 + source_ix) % 2147483647)
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width,
+                               0, 0, 1, 1, False, False)
+                    selected = 3 * height * width
+                    temp_buffer = temp_buffer.reshape(-1)[:selected].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop(temp_buffer, i, i + h, j, j + w, destination[dst_ix], kernel)
+                if np.random.rand() < flip_prob:
+                    destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
     class SeededRandomResizedCropFlip(RandomResizedCropRGBImageDecoder):
         """RandomResizedCrop + horizontal flip with per-sample seeding (FFCV #392)."""
 
         def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0,
-                     flip_prob: float = 0.5):
+                     flip_prob: float = 0.5, interpolation: str = "bilinear"):
             super().__init__(output_size, scale, ratio)
             self.seed = int(seed) % (2**31)
             self.flip_prob = flip_prob
+            self.kernel = INTERPOLATIONS[interpolation]
 
         def generate_code(self):
-            jpg = IMAGE_MODES["jpg"]
-            mem_read = self.memory_read
-            my_range = Compiler.get_iterator()
-            imdecode_c = Compiler.compile(imdecode)
-            resize_crop_c = Compiler.compile(resize_crop)
-            get_crop_c = Compiler.compile(get_random_crop)
-            scale, ratio = np.array(self.scale), np.array(self.ratio)
-            seed, flip_prob = self.seed, self.flip_prob
+            return generate(self, train=True)
 
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
-                batch_key = 0
-                for k in range(len(batch_indices)):
-                    batch_key = (batch_key * 1000003 + batch_indices[k] + 1) % 2147483647
-                for dst_ix in my_range(len(batch_indices)):
-                    source_ix = batch_indices[dst_ix]
-                    np.random.seed((seed * 7919 + batch_key * 104729 + source_ix) % 2147483647)
-                    field = metadata[source_ix]
-                    image_data = mem_read(field["data_ptr"], storage_state)
-                    height = np.uint32(field["height"])
-                    width = np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width,
-                                   0, 0, 1, 1, False, False)
-                        selected = 3 * height * width
-                        temp_buffer = temp_buffer.reshape(-1)[:selected].reshape(height, width, 3)
-                    else:
-                        temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                    if np.random.rand() < flip_prob:
-                        destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
-                return destination[: len(batch_indices)]
+    class CenterCropResize(CenterCropRGBImageDecoder):
+        """Centre crop of ``ratio`` of the shorter side, resized with PIL's filter."""
 
-            decode.is_parallel = True
-            return decode
+        def __init__(self, output_size, ratio: float, interpolation: str = "bilinear"):
+            super().__init__(output_size, ratio)
+            self.seed, self.flip_prob = 0, 0.0
+            self.kernel = INTERPOLATIONS[interpolation]
 
-    return SeededRandomResizedCropFlip
+        def generate_code(self):
+            return generate(self, train=False)
+
+    return SeededRandomResizedCropFlip, CenterCropResize
 
 
 class DataStream:
@@ -145,16 +168,27 @@ class FFCVStream(DataStream):
     """FFCV yields uint8 0..255 images: normalised here, in torch (never a jitted op after
     ``ToTorchImage``, which hangs, #396)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, randaugment: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         device = torch.device(self.cfg.device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.randaugment = None
+        if randaugment:
+            from data_pipelines.randaugment import BatchRandAugment
+
+            # per image, on the batch, on its device (the GPU in training): not in the loader
+            self.randaugment = BatchRandAugment(randaugment, self.cfg.interpolation)
+            self.generator = torch.Generator(device=device)
 
     def _position(self, epoch: int) -> None:
         self.loader.next_epoch = epoch
+        if self.randaugment is not None:  # the augmentation of an epoch is fixed by (seed, epoch)
+            self.generator.manual_seed((self.cfg.seed * 1000003 + epoch) % 2**63)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        if self.randaugment is not None:
+            images = self.randaugment(images, self.generator)
         return (images.float() - self.mean) / self.std
 
 
@@ -174,15 +208,16 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
     threads = torch.get_num_threads()  # before `import ffcv`, which sets it to 1
     import ffcv  # noqa: F401
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
     size = (cfg.img_size, cfg.img_size)
+    crop_flip, centre_crop = _decoder_classes()
     if train:
-        decoder = _seeded_decoder_class()(size, tuple(cfg.scale), tuple(cfg.ratio), seed=cfg.seed)
+        decoder = crop_flip(size, tuple(cfg.scale), tuple(cfg.ratio), seed=cfg.seed,
+                            interpolation=cfg.interpolation)
     else:
-        decoder = CenterCropRGBImageDecoder(size, ratio=cfg.val_ratio)
+        decoder = centre_crop(size, ratio=cfg.val_ratio, interpolation=cfg.interpolation)
     pipelines = {
         "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
         "label": [IntDecoder(), ToTensor(), Squeeze()],
@@ -195,7 +230,8 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
         os_cache=True,
     )
     torch.set_num_threads(threads)
-    return FFCVStream(loader, cfg, loader.reader.num_samples, threads)
+    return FFCVStream(loader, cfg, loader.reader.num_samples, threads,
+                      randaugment=cfg.randaugment if train else "")
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -217,18 +253,19 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 def torchvision_stream(records, train: bool, cfg: LoaderConfig,
                        drop_last: bool | None = None) -> TorchvisionStream:
-    """The same semantics as ``ffcv_stream`` with torchvision transforms over manifest records."""
-    from torchvision import transforms as T
+    """The same semantics as ``ffcv_stream``, by timm's transforms (``create_transform``: its
+    RandomResizedCropAndInterpolation, flip and RandAugment in PIL) over manifest records."""
+    from timm.data import create_transform
 
     if train:
-        tf = T.Compose([T.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.scale),
-                                            ratio=tuple(cfg.ratio)),
-                        T.RandomHorizontalFlip(), T.ToTensor(),
-                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.scale),
+                              ratio=tuple(cfg.ratio), hflip=0.5, color_jitter=None,
+                              auto_augment=cfg.randaugment or None,
+                              interpolation=cfg.interpolation, mean=IMAGENET_MEAN,
+                              std=IMAGENET_STD)
     else:
-        tf = T.Compose([T.Resize(int(round(cfg.img_size / cfg.val_ratio))),
-                        T.CenterCrop(cfg.img_size), T.ToTensor(),
-                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        tf = create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation,
+                              crop_pct=cfg.val_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     dataset = ManifestDataset(records, tf)
     sampler = None
     generator = torch.Generator().manual_seed(cfg.seed * 1000)
@@ -255,7 +292,8 @@ class Streams:
 def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
                   scale: tuple[float, float], seed: int, world_size: int = 1,
                   device: str = "cpu", channels_last: bool = False,
-                  meta_source: str | None = None) -> Streams:
+                  meta_source: str | None = None, interpolation: str = "bilinear",
+                  randaugment: str = "") -> Streams:
     """Train, val and (for PMPL) query streams over ``data.out_dir`` with ``data.loader``'s
     backend. ``batch_size`` is per process; ``world_size > 1`` shards every stream (validation
     too: rank r sees images r, r + world, ...). ``meta_source``: None (no query stream),
@@ -267,7 +305,8 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
     data_dir = Path(data.out_dir)
     report = read_report(data_dir)
     base = dict(img_size=img_size, workers=data.loader.workers, scale=tuple(scale), seed=seed,
-                channels_last=channels_last, device=device, distributed=world_size > 1)
+                channels_last=channels_last, device=device, distributed=world_size > 1,
+                interpolation=interpolation, randaugment=randaugment)
     train_cfg = LoaderConfig(**base, batch_size=batch_size)
     val_cfg = LoaderConfig(**base, batch_size=max(1, batch_size))
     meta_split = "val" if meta_source == "val" else "meta"

@@ -71,30 +71,36 @@ class Recipe(_Section):
     scales linearly with the global ``batch_size``."""
 
     epochs: int = Field(6, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # global (split over processes)
     img_size: int = Field(64, ge=16)
+    seed_base: int = Field(0, ge=0)  # a run's random seed is seed_base + its entry of `seeds`
     opt: Literal["sgd", "momentum", "lamb", "rmsproptf", "adamw"] = "sgd"
+    opt_eps: float | None = Field(None, gt=0)  # None: the optimizer's own default
     lr: LearningRate = 0.1
     lr_base_batch: int = Field(64, ge=1)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(4e-5, ge=0)
     sched: Literal["cosine", "step"] = "cosine"
+    sched_on_updates: bool = True  # False: the lr changes once per epoch (timm's default)
     decay_rate: float = Field(0.1, gt=0)
     decay_epochs: float = Field(1.0, gt=0)
     warmup_epochs: float = Field(0.0, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
+    # timm's --lr-noise: lr noise between these fractions of the schedule (noise_range_t)
+    lr_noise: tuple[float, float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0)
     cutmix: float = Field(0.0, ge=0)
-    randaugment: str = ""
-    reprob: float = Field(0.0, ge=0, le=1)
+    randaugment: str = ""  # timm's string, e.g. rand-m9-mstd0.5 (per image, both loaders)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resizes, train and eval
+    reprob: float = Field(0.0, ge=0, le=1)  # random erasing (pixel mode, after normalising)
     drop_rate: float = Field(0.0, ge=0, lt=1)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on GPUs (CPU runs are float32 either way)
     scale: tuple[float, float] = (0.08, 1.0)
-    clip_grad: float = Field(0.0, ge=0)
+    clip_grad: float = Field(0.0, ge=0)  # max gradient norm; 0: no clipping
     # PMPL's search schedule under this recipe
     deadline_epoch: int = Field(4, ge=0)
     alpha_lr: LearningRate = 3e-4
@@ -104,6 +110,22 @@ class Recipe(_Section):
     def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0 < value[0] <= value[1] <= 1:
             raise ValueError("need 0 < min <= max <= 1")
+        return value
+
+    @field_validator("lr_noise")
+    @classmethod
+    def _noise_window(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 1:
+            raise ValueError("need fractions of the schedule, 0 <= start < end <= 1")
+        return value
+
+    @field_validator("randaugment")
+    @classmethod
+    def _known_randaugment(cls, value: str) -> str:
+        if value:
+            from data_pipelines.randaugment import parse_randaugment
+
+            parse_randaugment(value)
         return value
 
 
@@ -195,10 +217,6 @@ class Params(_Section):
         if self.recipe not in self.recipes:
             raise _invalid(f"recipe={self.recipe!r} is invalid: choose from "
                            f"{', '.join(self.recipes)}")
-        recipe = self.recipes[self.recipe]
-        if recipe.randaugment and self.data.loader.backend == "ffcv":
-            raise _invalid(f"recipes.{self.recipe}.randaugment={recipe.randaugment!r} needs the "
-                           "torchvision loader: set data.loader.backend=torchvision")
         for name in self.variants:
             self.variant_pmpl(name)
         for pair in self.compare.extra_pairs:
@@ -352,6 +370,11 @@ class RunConfig(BaseModel):
     pmpl: PMPLConfig | None  # PMPL runs only: the settings plus the recipe's schedule
     data: DataConfig
     train: TrainParams
+
+    @property
+    def rng_seed(self) -> int:
+        """The random seed of this run: the recipe's seed_base plus the run's seed."""
+        return self.recipe.seed_base + self.seed
 
     def fingerprint(self, world_size: int, images: dict) -> str:
         """Hash of everything that decides what this run computes (not where or how fast)."""

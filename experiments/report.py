@@ -15,6 +15,58 @@ from metapool.models import build_model
 NOTEBOOK = Path(__file__).resolve().parents[1] / "reports" / "report.ipynb"
 
 
+# The `paper` recipe against the authors' launch script (run_meta_rf.sh, METHOD.md section 4):
+# knob -> (what the script said, whether the code ran it as written)
+PAPER_SCRIPT = {
+    "epochs": ("--epochs 250", True),
+    "batch_size": ("4 GPUs x -b 64 = 256", True),
+    "img_size": ("224 (timm's default for the model)", True),
+    "momentum": ("unused by LAMB", True),
+    "decay_rate": ("unused by cosine", True),
+    "decay_epochs": ("unused by cosine", True),
+    "mixup": ("no --mixup (off; also off during the search)", True),
+    "cutmix": ("no --cutmix", True),
+    "scale": ("timm's default 0.08-1.0", True),
+    "seed_base": ("--seed 666", True),
+    "opt": ("--opt lamb", True),
+    "opt_eps": ("--opt-eps 1e-6", True),
+    "lr": ("--lr 5e-3 (for batch 2048; 6.25e-4 at 256)", True),
+    "lr_base_batch": ("linear scaling", True),
+    "weight_decay": ("--weight-decay 0.1", True),
+    "sched": ("--sched cosine", True),
+    "sched_on_updates": ("timm of 2022: lr stepped per epoch", True),
+    "warmup_epochs": ("--warmup-epochs 5", True),
+    "warmup_lr": ("--warmup-lr 1e-6", True),
+    "min_lr": ("--min-lr 1e-5", True),
+    "lr_noise": ("--lr-noise 0.42 0.9", True),
+    "label_smoothing": ("not set: timm's default 0.1", True),
+    "randaugment": ("--aa rand-m9-mstd0.5", True),
+    "interpolation": ("--train-interpolation bicubic", True),
+    "reprob": ("--reprob 0.2 --remode pixel", True),
+    "drop_rate": ("--drop 0.1", True),
+    "drop_path_rate": ("--drop-path 0.08: ignored by the model builder", False),
+    "ema_decay": ("no --model-ema", True),
+    "amp": ("--amp: not applied in the meta trainer's step (float32)", False),
+    "clip_grad": ("norm 5 in the meta trainer's step", True),
+    "deadline_epoch": ("layers fixed at epoch 50 of 250", True),
+    "alpha_lr": ("Adam 3e-4, betas (0.5, 0.999), wd 1e-3", True),
+}
+
+
+def recipe_card(name: str, values: dict) -> pd.DataFrame:
+    """Every knob of the recipe that produced the runs; for ``paper`` also what the launch
+    script said and whether the authors' code ran it as written."""
+    rows = []
+    for knob, value in values.items():
+        row = {"knob": knob, "value": value}
+        if name == "paper":
+            script, ran = PAPER_SCRIPT.get(knob, ("-", None))
+            row.update({"launch script": script,
+                        "ran as written": {True: "yes", False: "no", None: "-"}[ran]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def curves(runs_dir: str | Path, metric: str = "top1") -> pd.DataFrame:
     """Per-epoch ``metric`` of every run: columns variant, seed, epoch, value."""
     frames = []
@@ -91,7 +143,8 @@ def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
             cwd=str(Path.cwd()),
             parameters={"results_dir": str(results), "runs_dir": params.runs_dir,
                         "data_dir": params.data.out_dir,
-                        "img_size": params.active_recipe.img_size})
+                        "img_size": params.active_recipe.img_size, "recipe_name": params.recipe,
+                        "recipe_values": params.active_recipe.model_dump(mode="json")})
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(out / "report.ipynb", as_version=4))
     atomic_write_text(out / "report.html", body)
     return out / "report.html"

@@ -34,6 +34,12 @@ from metapool.models import build_model, copy_freezes, enhancers, export_fixed
 from metapool.pmpl import ProgressiveMetaPooling, SearchPhase
 
 
+def autocast_for(amp: bool, device: torch.device):
+    """bf16 autocast on a GPU when the recipe asks for it; float32 otherwise (CPU runs too)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
+        else nullcontext()
+
+
 class Trainer:
     """Holds one run's state; ``fit()`` reads top to bottom."""
 
@@ -44,7 +50,7 @@ class Trainer:
         self.out = Path(run.out)
         self.device = dist.device
         torch.set_num_threads(cpu_threads(run.train.threads, dist))
-        random_seed(run.seed, dist.rank)
+        random_seed(run.rng_seed, dist.rank)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.recipe.batch_size % dist.world_size:
@@ -53,9 +59,10 @@ class Trainer:
         self.data = build_streams(
             run.data, img_size=self.recipe.img_size,
             batch_size=self.recipe.batch_size // dist.world_size, scale=self.recipe.scale,
-            seed=run.seed, world_size=dist.world_size, device=str(self.device),
+            seed=run.rng_seed, world_size=dist.world_size, device=str(self.device),
             channels_last=run.train.channels_last and self.device.type == "cuda",
-            meta_source=run.pmpl.meta_source if run.pmpl else None)
+            meta_source=run.pmpl.meta_source if run.pmpl else None,
+            interpolation=self.recipe.interpolation, randaugment=self.recipe.randaugment)
         self.model_args = {**run.model_args, "num_classes": int(self.data.report["classes"])}
         self._build_model()
         self.ckpts = Checkpoints(run.checkpoints)
@@ -72,7 +79,7 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         r, run = self.recipe, self.run
-        torch.manual_seed(run.seed)  # the same initial weights on every rank
+        torch.manual_seed(run.rng_seed)  # the same initial weights on every rank
         self.net = build_model(**self.model_args).to(self.device)
         if run.train.sync_bn and self.dist.enabled:
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
@@ -99,20 +106,21 @@ class Trainer:
                       for g in groups]
         self.optimizer = create_optimizer_v2(
             groups, opt=r.opt, lr=r.lr * r.batch_size / r.lr_base_batch,
-            weight_decay=r.weight_decay, momentum=r.momentum)
+            weight_decay=r.weight_decay, momentum=r.momentum,
+            **({"eps": r.opt_eps} if r.opt_eps is not None else {}))
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=r.sched, num_epochs=r.epochs, decay_epochs=r.decay_epochs,
             decay_rate=r.decay_rate, min_lr=r.min_lr, warmup_lr=r.warmup_lr,
             warmup_epochs=r.warmup_epochs, cooldown_epochs=0,
-            step_on_epochs=False, updates_per_epoch=len(self.data.train))
+            noise=list(r.lr_noise) if r.lr_noise else None,
+            step_on_epochs=not r.sched_on_updates, updates_per_epoch=len(self.data.train))
         self.ema = ModelEmaV3(self.net, decay=r.ema_decay) if r.ema_decay > 0 else None
         self.erasing = None
         if r.reprob > 0:
             from timm.data.random_erasing import RandomErasing
 
             self.erasing = RandomErasing(r.reprob, mode="pixel", device=str(self.device))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if r.amp and self.device.type == "cuda" else nullcontext())
+        self.autocast = autocast_for(r.amp, self.device)
 
     def _wrap(self, searching: bool) -> nn.Module:
         """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
@@ -264,18 +272,16 @@ class Trainer:
         for step, (x, y) in enumerate(self.data.train):
             if step < skip:
                 continue
+            if self.erasing is not None:  # every training batch, search steps' included
+                x = self.erasing(x)
             searching = self.phase is not None and self.phase.active
-            if searching:
+            if searching:  # mixup stays off during the search, as in the reference code
                 with self.autocast:
                     loss = self.phase.step((x, y), epoch)
             else:
                 loss = self._plain_step(x, y)
             self._check_finite(loss, epoch, step)
-            if self.recipe.clip_grad > 0:
-                nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe.clip_grad)
-            self.optimizer.step()
-            self.global_step += 1
-            self.scheduler.step_update(num_updates=self.global_step)
+            self.optimizer_step()
             if searching and self.phase.after_step(epoch):
                 self._after_freezes()
             if self.ema is not None:
@@ -301,10 +307,17 @@ class Trainer:
                 "train_images_per_s": images / max(seconds, 1e-9),
                 "frozen_layers": sum(m.frozen for _, m in enhancers(self.net))}
 
+    def optimizer_step(self) -> None:
+        """The weight update from the gradients in ``p.grad``: clipped to the recipe's norm,
+        the recipe's optimizer, the per-update learning rate."""
+        if self.recipe.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe.clip_grad)
+        self.optimizer.step()
+        self.global_step += 1
+        self.scheduler.step_update(num_updates=self.global_step)
+
     def _plain_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of an ordinary training step (erasing, mixup, the loss)."""
-        if self.erasing is not None:
-            x = self.erasing(x)
+        """Forward and backward of an ordinary training step (mixup, the loss)."""
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)

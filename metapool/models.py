@@ -28,7 +28,7 @@ from torch import nn
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
 from metapool.genotype import Genotype
-from metapool.ops import DEFAULT_CANDIDATES
+from metapool.ops import DEFAULT_CANDIDATES, build_op
 
 # timm backbone name -> whether only expanded (inverted-residual) blocks get an enhancer.
 BACKBONES: dict[str, bool] = {
@@ -142,6 +142,11 @@ def build_model(
             raise ValueError(f"unknown attention {attention!r}: choose from {', '.join(ATTENTIONS)}")
 
         def factory(s: Slot) -> nn.Module:
+            if attention == "coord":
+                # Hou et al.'s coordinate attention (reduction 32, >= 8 channels, biased convs),
+                # the paper's 3.95M-parameter model: the module candidate strip_pool already is.
+                # timm's create_attn("coord") defaults differ (reduction 16, no conv bias).
+                return build_op("strip_pool", s.channels)
             return create_attn(attention, s.channels)
     for slot in slots:
         _fill(slot, factory(slot))

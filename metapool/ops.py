@@ -33,9 +33,10 @@ def _max_pool(k: int) -> Candidate:
 
 
 def _avg_pool(k: int) -> Candidate:
-    # count_include_pad=False keeps border activations on the same scale as the interior.
+    # The zero padding counts in the mean (PyTorch's default), as in the reference code:
+    # border activations shrink, which changes the op on small maps.
     return Candidate(
-        lambda channels: nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=False), k)
+        lambda channels: nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=True), k)
 
 
 CANDIDATES: dict[str, Candidate] = {

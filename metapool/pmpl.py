@@ -16,6 +16,7 @@ schedule (``alpha_lr``, ``deadline_epoch``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -48,7 +49,7 @@ class PMPLSettings(BaseModel):
     fd_eps: float = Field(0.01, gt=0)
     alpha_betas: tuple[float, float] = (0.5, 0.999)
     alpha_weight_decay: float = Field(1e-3, ge=0)
-    threshold: float = Field(0.3, gt=0, le=1)
+    threshold: float = Field(0.2, gt=0, le=1)  # the reference's final value (0.3 at first)
     stop_rule: Literal["margin", "reference_code", "none"] = "margin"
     deadline_policy: Literal["top2", "argmax"] = "top2"
     history_every: int = Field(10, ge=1)
@@ -74,6 +75,33 @@ class PMPLConfig(PMPLSettings):
 
     alpha_lr: float = Field(3e-4, gt=0)
     deadline_epoch: int = Field(50, ge=0)
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The random state that dropout and drop-path draw from on ``device``."""
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextmanager
+def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers still normalise with batch statistics (train mode) but leave their
+    running statistics alone: passes at lookahead or perturbed weights must not move them."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def top2_margin(probs: torch.Tensor) -> float:
@@ -156,6 +184,7 @@ class ProgressiveMetaPooling:
         x_s, y_s = support
         for p in self.net.parameters():
             p.grad = None
+        rng = rng_state(x_s.device)  # the support pass's dropout/drop-path masks, for reuse
         loss_s = self.loss_fn(self.model(x_s), y_s)
         loss_s.backward()  # under DDP this all-reduces g_w like ordinary training
         if self.active:
@@ -164,9 +193,11 @@ class ProgressiveMetaPooling:
             # The hypergradient takes no weight gradient into p.grad (autograd.grad only), so
             # g_w stays in place for the optimizer: no copy needed.
             g_w = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.weights]
-            grad_alpha = self.hypergradient(support, query, g_w)
-            for a, g in zip(self.alphas, grad_alpha, strict=True):
-                a.grad = g
+            grad_alpha = self.hypergradient(support, query, g_w, rng)
+            # A frozen layer's alpha gets no gradient at all, so Adam leaves it exactly as it
+            # was (a zero gradient would still move it through momentum and weight decay).
+            for (_, module), g in zip(self.layers, grad_alpha, strict=True):
+                module.alpha.grad = None if module.frozen else g
             self._allreduce_alpha_grad()
             self.alpha_optimizer.step()
             self._check_finite_alpha(epoch)
@@ -267,22 +298,30 @@ class ProgressiveMetaPooling:
                  "margin": top2_margin(torch.tensor(e.probs))} for e in self.events]
 
     # ----------------------------------------------------------------- the hypergradient
-    def hypergradient(self, support, query, g_w: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Gradient of the query loss w.r.t. alpha after the lookahead (METHOD.md step 3)."""
+    def hypergradient(self, support, query, g_w: list[torch.Tensor],
+                      support_rng: tuple | None = None) -> list[torch.Tensor]:
+        """Gradient of the query loss w.r.t. alpha after the lookahead (METHOD.md step 3).
+
+        ``g_w`` is the support pass's weight gradient and ``support_rng`` the random state it
+        started from (``rng_state``): second-order passes over the support batch replay it, so
+        they draw the dropout/drop-path masks the support pass drew. None of these passes moves
+        BatchNorm's running statistics: only the real support pass does.
+        """
         cfg = self.cfg
-        if cfg.inner_lr == 0:
-            return self._alpha_grad(query, [])  # plain alternating update (reference code)
-        if cfg.order == "second" and cfg.second_order_method == "exact":
-            return self._exact_hypergradient(support, query)
-        deltas = self._lookahead(support, g_w)
-        try:
-            if cfg.order == "first":
-                return self._alpha_grad(query, [])
-            grads = self._alpha_grad(query, self.weights)
-            g_alpha, dw = grads[: len(self.alphas)], grads[len(self.alphas):]
-        finally:
-            self._shift(deltas, -1.0)
-        return self._finite_difference(support, g_alpha, dw)
+        with frozen_bn_statistics(self.net):
+            if cfg.inner_lr == 0:
+                return self._alpha_grad(query, [])  # plain alternating update (reference code)
+            if cfg.order == "second" and cfg.second_order_method == "exact":
+                return self._exact_hypergradient(support, query, support_rng)
+            deltas = self._lookahead(support, g_w)
+            try:
+                if cfg.order == "first":
+                    return self._alpha_grad(query, [])
+                grads = self._alpha_grad(query, self.weights)
+                g_alpha, dw = grads[: len(self.alphas)], grads[len(self.alphas):]
+            finally:
+                self._shift(deltas, -1.0)
+            return self._finite_difference(support, g_alpha, dw, support_rng)
 
     def _alpha_grad(self, batch, extra: list[torch.Tensor]) -> list[torch.Tensor]:
         x, y = batch
@@ -312,26 +351,40 @@ class ProgressiveMetaPooling:
         for p, d in zip(self.weights, deltas, strict=True):
             p.add_(d, alpha=sign)
 
-    def _finite_difference(self, support, g_alpha, dw) -> list[torch.Tensor]:
-        """DARTS eq. 8: subtract inner_lr * (grad_a L_s(w+) - grad_a L_s(w-)) / (2 eps)."""
+    def _finite_difference(self, support, g_alpha, dw, support_rng) -> list[torch.Tensor]:
+        """DARTS eq. 8: subtract inner_lr * (grad_a L_s(w+) - grad_a L_s(w-)) / (2 eps).
+
+        Both passes draw the same dropout masks (the support pass's) and run in float32 even
+        under autocast: their difference is divided by a small eps, so any other noise would
+        swamp the second-order term."""
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in dw)).item()
         if norm == 0:
             return g_alpha
         eps = self.cfg.fd_eps / norm
         step = [eps * d for d in dw]
+        device = support[0].device
+        after = rng_state(device)
+        masks = support_rng or after
         self._shift(step, 1.0)
         try:
-            g_plus = self._alpha_grad(support, [])
-            self._shift(step, -2.0)
-            g_minus = self._alpha_grad(support, [])
+            with torch.autocast(device.type, enabled=False):
+                set_rng_state(masks, device)
+                g_plus = self._alpha_grad(support, [])
+                self._shift(step, -2.0)
+                set_rng_state(masks, device)
+                g_minus = self._alpha_grad(support, [])
         finally:
             self._shift(step, 1.0)
+            set_rng_state(after, device)
         return [g - self.cfg.inner_lr * (gp - gm) / (2 * eps)
                 for g, gp, gm in zip(g_alpha, g_plus, g_minus, strict=True)]
 
-    def _exact_hypergradient(self, support, query) -> list[torch.Tensor]:
-        """Differentiate through the unrolled lookahead with autograd (any inner_steps)."""
+    def _exact_hypergradient(self, support, query, support_rng) -> list[torch.Tensor]:
+        """Differentiate through the unrolled lookahead with autograd (any inner_steps); the
+        first inner pass replays the support pass's random state (its dropout masks)."""
         x_s, y_s = support
+        if support_rng is not None:
+            set_rng_state(support_rng, x_s.device)
         fast = dict(zip(self.weight_names, self.weights, strict=True))
         for _ in range(self.cfg.inner_steps):
             loss = self.loss_fn(functional_call(self.net, fast, (x_s,), strict=False), y_s)
@@ -368,13 +421,15 @@ class ProgressiveMetaPooling:
     def _allreduce_alpha_grad(self) -> None:
         # Averaging alpha's gradient (rather than computing it on one rank) uses every rank's
         # query batch, and all ranks then take the same Adam step from the same state, so alpha
-        # and every freezing decision stay bit-identical across ranks.
+        # and every freezing decision stay bit-identical across ranks (the same layers are
+        # frozen everywhere, so the same alphas have a gradient).
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([a.grad.reshape(-1) for a in self.alphas])
+            alphas = [a for a in self.alphas if a.grad is not None]
+            flat = torch.cat([a.grad.reshape(-1) for a in alphas])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= dist.get_world_size()
             offset = 0
-            for a in self.alphas:
+            for a in alphas:
                 a.grad.copy_(flat[offset: offset + a.numel()].view_as(a))
                 offset += a.numel()
 

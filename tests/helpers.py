@@ -22,17 +22,18 @@ class TinySearchNet(nn.Module):
     """conv -> BN -> ReLU -> two enhancers -> pool -> linear: small enough for exact checks."""
 
     def __init__(self, candidates=("skip", "max_pool_3x3", "avg_pool_3x3", "strip_pool"),
-                 channels: int = 8, classes: int = 3) -> None:
+                 channels: int = 8, classes: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels),
                                   nn.ReLU())
         self.enh1 = MetaPoolEnhancer(channels, candidates)
         self.mid = nn.Conv2d(channels, channels, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
         self.enh2 = MetaPoolEnhancer(channels, candidates)
         self.head = nn.Linear(channels, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.enh2(self.mid(self.enh1(self.stem(x))))
+        x = self.enh2(self.drop(self.mid(self.enh1(self.stem(x)))))
         return self.head(x.mean((2, 3)))
 
 

@@ -12,7 +12,7 @@ import timm
 
 import metapool  # noqa: F401
 from experiments import bench_gpu, bench_step
-from tests.helpers import REPO, write_params
+from tests.helpers import REPO, metapool, write_params
 
 
 def test_step_benchmark_reports_a_ratio():
@@ -63,3 +63,19 @@ def test_ddp_benchmark_runs_under_torchrun():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["world_size"] == 2 and row["find_unused_over_static"] > 0
+
+
+def test_loader_benchmark_runs_with_randaugment(tmp_path):
+    params = write_params(tmp_path / "params.yaml", tmp_path / "data", tmp_path / "runs")
+    metapool("data", "prepare", "--params", str(params), "--out", str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.bench_loaders", "--data", str(tmp_path / "data"),
+         "--img-size", "32", "--batch", "8", "--workers", "1", "--epochs", "1",
+         "--interpolation", "bicubic", "--randaugment", "rand-m9-mstd0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("ffcv_images_per_s", "ffcv_randaugment_images_per_s", "torchvision_images_per_s"):
+        assert row[key] > 0
+    assert row["images"] == 39 and row["randaugment"] == "rand-m9-mstd0.5"

@@ -153,3 +153,18 @@ def test_unknown_backbone_and_attention_are_clear_errors():
         build_model("vgg16")
     with pytest.raises(ValueError, match="unknown attention 'foo'"):
         build_model("mobilenetv2_100", "attention", attention="foo")
+
+
+def test_coordinate_attention_is_hou_et_al():
+    """attn-coord is the CA paper's module (reduction 32, >= 8 channels, biased convs): the
+    same module as candidate strip_pool, about 3.95M parameters at 1000 classes."""
+    coord = n_params(timm.create_model("metapool_mobilenetv2_100", attention="coord"))
+    strip = n_params(timm.create_model("metapool_mobilenetv2_100", fixed_op="strip_pool"))
+    bn = sum(2 * e.channels for _, e in enhancers(timm.create_model("metapool_mobilenetv2_100")))
+    assert coord == strip - bn  # the enhancer's own BN is the only difference
+    assert 3.9e6 < coord < 4.0e6
+
+
+def test_average_pooling_counts_the_zero_padding():
+    out = build_op("avg_pool_3x3", 1)(torch.ones(1, 1, 4, 4))
+    assert out[0, 0, 0, 0] == pytest.approx(4 / 9) and out[0, 0, 1, 1] == 1.0

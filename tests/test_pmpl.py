@@ -267,3 +267,65 @@ def test_search_phase_cycles_queries_and_reports_what_froze(tiny_net, tiny_batch
     tiny_net(support[0]).sum().backward()
     assert unused == {id(p) for p in tiny_net.parameters() if p.grad is None}
     assert not phase.finish(epoch=2)  # nothing left to fix
+
+
+def test_a_frozen_alpha_never_moves_again(tiny_batches):
+    """Frozen layers get no alpha gradient (None), so Adam's momentum and weight decay cannot
+    move them: bit-identical afterwards, while the searching layer keeps learning."""
+    support, query = tiny_batches
+    torch.manual_seed(0)
+    net = TinySearchNet()
+    search = _search(net, alpha_lr=0.1, threshold=0.3, alpha_weight_decay=0.1)
+    for _ in range(2):  # Adam state for both layers
+        search.step(support, query, epoch=0)
+    _set_probs(net.enh1, leader=2)
+    assert [e.layer for e in search.after_step(epoch=0)] == ["enh1"]
+    frozen, searching = net.enh1.alpha.detach().clone(), net.enh2.alpha.detach().clone()
+    for _ in range(3):
+        search.step(support, query, epoch=0)
+    assert torch.equal(net.enh1.alpha, frozen)
+    assert not torch.equal(net.enh2.alpha, searching)
+
+
+def test_finite_differences_match_exact_second_order_with_dropout(tiny_batches):
+    """The w+ and w- passes replay the support pass's dropout masks (as the exact unrolled
+    graph does), so the approximation stays within 1e-3 of autograd's exact hypergradient."""
+    from metapool.pmpl import rng_state
+
+    support, query = [(x.double(), y) for x, y in tiny_batches]
+    torch.manual_seed(0)
+    net = TinySearchNet(candidates=SMOOTH, dropout=0.3).double()
+    with torch.no_grad():
+        for m in (net.enh1, net.enh2):
+            m.alpha.normal_(0, 0.5)
+    state = copy.deepcopy(net.state_dict())
+
+    def hypergradient(**cfg):
+        net.load_state_dict(state)
+        search = _search(net, **{"inner_lr": 0.1, "order": "second", "fd_eps": 1e-4, **cfg})
+        torch.manual_seed(5)
+        masks = rng_state(torch.device("cpu"))
+        g_w = [g if g is not None else torch.zeros_like(p)
+               for g, p in zip(_support_grad(search, support), search.weights, strict=True)]
+        grads = search.hypergradient(support, query, g_w, masks)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    exact = hypergradient(second_order_method="exact")
+    approx = hypergradient()
+    first = hypergradient(order="first")
+    assert (approx - exact).norm() / exact.norm() < 1e-3
+    assert (first - exact).norm() / exact.norm() > 1e-2  # the second-order term matters
+
+
+@pytest.mark.parametrize("cfg", [{"inner_lr": 0.0}, {"inner_lr": 0.5, "inner_steps": 2},
+                                 {"inner_lr": 0.5, "order": "second"},
+                                 {"inner_lr": 0.5, "order": "second",
+                                  "second_order_method": "exact"}])
+def test_only_the_real_support_pass_moves_batchnorm_statistics(tiny_net, tiny_batches, cfg):
+    support, query = tiny_batches
+    reference = copy.deepcopy(tiny_net)
+    reference(support[0])  # the support pass alone
+    _search(tiny_net, **cfg).step(support, query, epoch=0)
+    for (name, a), b in zip(tiny_net.named_buffers(), reference.buffers(), strict=True):
+        if "running" in name or "num_batches" in name:
+            assert torch.equal(a, b), name

@@ -1,0 +1,176 @@
+"""Every knob of the `paper` and `standard` recipes is live: checked on the training objects
+a Trainer builds (a handful of generated images, the CPU), never on the config."""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.loaders import build_streams
+from data_pipelines.resize import BICUBIC, BILINEAR
+from experiments.config import load_params, resolve_run
+from experiments.distributed import Dist, StopSignal
+from experiments.train import Trainer, autocast_for
+from tests.helpers import metapool, write_params
+
+pytestmark = pytest.mark.slow
+SMALL = {"img_size": 32, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    params = write_params(root / "params.yaml", root / "data", root / "runs",
+                          {"recipes": {"paper": SMALL, "standard": SMALL}})
+    metapool("data", "prepare", "--params", str(params), "--out", str(root / "data"))
+    return root, params
+
+
+def trainer(data, recipe: str, variant: str = "baseline", backend: str = "ffcv") -> Trainer:
+    root, params = data
+    p = load_params(params, [f"recipe={recipe}", f"data.loader.backend={backend}",
+                             "data.loader.workers=0" if backend == "torchvision" else "train.threads=2"])
+    return Trainer(resolve_run(p, variant, 0, str(root / "runs" / f"{recipe}-{variant}")), Dist())
+
+
+def lr_at(tr: Trainer, epoch: int) -> float:
+    updates = len(tr.data.train)
+    if tr.recipe.sched_on_updates:
+        tr.scheduler.step_update(num_updates=epoch * updates)
+    else:
+        tr.scheduler.step(epoch)
+    return tr.optimizer.param_groups[0]["lr"]
+
+
+def first_batch(stream) -> torch.Tensor:
+    stream.set_epoch(0)
+    return next(iter(stream))[0]
+
+
+def test_paper_optimizer_and_schedule(data):
+    tr = trainer(data, "paper")
+    opt = tr.optimizer
+    assert type(opt).__name__ == "Lamb" and opt.defaults["eps"] == 1e-6
+    base = 6.25e-4 * 8 / 256  # 6.25e-4 at batch 256, linearly scaled to the batch of 8
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}
+    assert lr_at(tr, 0) == pytest.approx(1e-6)  # warm-up from 1e-6 ...
+    assert lr_at(tr, 2) == pytest.approx(1e-6 + 2 * (base - 1e-6) / 5)  # ... over 5 epochs
+
+    def cosine(epoch: int) -> float:
+        return 1e-5 + 0.5 * (base - 1e-5) * (1 + math.cos(math.pi * epoch / 250))
+
+    for epoch in (5, 50, 100, 230, 249):  # outside the noise window (epochs 105-225)
+        assert lr_at(tr, epoch) == pytest.approx(cosine(epoch), rel=1e-9)
+    noisy = [abs(lr_at(tr, e) / cosine(e) - 1) for e in range(106, 225, 10)]
+    assert min(noisy) > 1e-4 and max(noisy) < 0.67  # timm's noise: |noise| < noise_pct
+    assert lr_at(tr, 249) < 2e-5  # ends at min_lr 1e-5
+
+
+def test_paper_loss_clipping_ema_precision_and_model(data):
+    tr = trainer(data, "paper")
+    assert run_seed(tr) == 666  # --seed 666
+    assert tr.loss_plain.label_smoothing == 0.1
+    logits, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    assert torch.equal(tr.loss_plain(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+    assert tr.ema is None and isinstance(tr.autocast, nullcontext)  # no EMA, float32
+    with warnings.catch_warnings():  # no GPU here: only the choice is checked
+        warnings.simplefilter("ignore")
+        assert isinstance(autocast_for(False, torch.device("cuda")), nullcontext)
+        assert isinstance(autocast_for(True, torch.device("cuda")), torch.autocast)
+    for p in tr.net.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    tr.optimizer_step()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in tr.net.parameters()]))
+    assert float(norm) == pytest.approx(5.0, rel=1e-4)  # clipped at norm 5
+    from timm.layers import DropPath
+
+    assert tr.net.drop_rate == 0.1 and not any(isinstance(m, DropPath) for m in tr.net.modules())
+    features = torch.randn(4, tr.net.num_features, 1, 1)
+    tr.net.train()
+    assert not torch.equal(tr.net.forward_head(features), tr.net.forward_head(features))
+    tr.net.eval()
+    assert torch.equal(tr.net.forward_head(features), tr.net.forward_head(features))
+
+
+def run_seed(tr: Trainer) -> int:
+    return tr.data.train.cfg.seed  # what the loaders (and every RNG) were seeded with
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torchvision"])
+def test_paper_augmentation_reaches_the_images(data, backend):
+    tr = trainer(data, "paper", backend=backend)
+    if backend == "ffcv":
+        specs = tr.data.train.loader.pipeline_specs["image"].decoder
+        assert specs.kernel == BICUBIC
+        assert tr.data.val.loader.pipeline_specs["image"].decoder.kernel == BICUBIC
+        assert tr.data.train.randaugment.config == "rand-m9-mstd0.5"
+    else:
+        from timm.data.auto_augment import _RAND_TRANSFORMS, RandAugment
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+
+        tf = tr.data.train.loader.dataset.transform.transforms
+        crop = next(t for t in tf if isinstance(t, RandomResizedCropAndInterpolation))
+        ra = next(t for t in tf if isinstance(t, RandAugment))
+        assert str(crop.interpolation).lower().endswith("bicubic")
+        assert sorted(op.name for op in ra.ops) == sorted(_RAND_TRANSFORMS)
+        assert ra.num_layers == 2 and {op.prob for op in ra.ops} == {0.5}
+        assert {op.magnitude for op in ra.ops} == {9} and \
+            {op.magnitude_std for op in ra.ops} == {0.5}
+    plain = build_streams(tr.run.data, img_size=32, batch_size=8, scale=(0.08, 1.0),
+                          seed=run_seed(tr), interpolation="bicubic")
+    with_ra, without = first_batch(tr.data.train), first_batch(plain.train)
+    differs = (with_ra != without).flatten(1).any(dim=1)
+    assert 0 < int(differs.sum())  # RandAugment changed some images (crops are seeded alike)
+    erased = tr.erasing(with_ra.repeat(8, 1, 1, 1))
+    assert tr.erasing.probability == 0.2 and tr.erasing.mode == "pixel"
+    assert 0 < int((erased != with_ra.repeat(8, 1, 1, 1)).flatten(1).any(dim=1).sum()) < 64
+
+
+def test_pmpl_search_steps_see_the_erasing(data):
+    tr = trainer(data, "paper", variant="pmpl")
+    erased, searched = [], []
+    real_erasing, real_step = tr.erasing, tr.phase.step
+    tr.erasing = lambda x: erased.append(real_erasing(x)) or erased[-1]
+    tr.phase.step = lambda batch, epoch: searched.append(batch[0]) or real_step(batch, epoch)
+    tr.phase.start_epoch(0)
+    stop = StopSignal()
+    try:
+        tr.train_one_epoch(0, stop)
+    finally:
+        stop.restore()
+    assert searched and all(s is e for s, e in zip(searched, erased, strict=True))
+
+
+def test_standard_recipe(data):
+    tr = trainer(data, "standard")
+    opt = tr.optimizer
+    assert type(opt) is torch.optim.SGD
+    assert opt.defaults["momentum"] == 0.9 and not opt.defaults["nesterov"]
+    base = 0.045 * 8 / 256
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 4e-5}
+    for epoch in (0, 1, 10, 100):
+        assert lr_at(tr, epoch) == pytest.approx(base * 0.98 ** epoch, rel=1e-9)
+    assert tr.loss_plain.label_smoothing == 0.0 and tr.ema is None and tr.erasing is None
+    assert tr.net.drop_rate == 0.0 and tr.data.train.randaugment is None
+    assert tr.data.train.loader.pipeline_specs["image"].decoder.kernel == BILINEAR
+    for p in tr.net.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    tr.optimizer_step()  # no clipping in this recipe
+    assert float(torch.stack([p.grad.norm() for p in tr.net.parameters()]).norm()) > 1e3
+
+
+def test_recipe_card_covers_every_knob_of_the_paper_recipe(data):
+    from experiments.config import Recipe
+    from experiments.report import PAPER_SCRIPT, recipe_card
+
+    assert set(PAPER_SCRIPT) == set(Recipe.model_fields)
+    _, params = data
+    paper = load_params(params).recipes["paper"]
+    card = recipe_card("paper", paper.model_dump(mode="json")).set_index("knob")
+    assert card.loc["drop_path_rate", "ran as written"] == "no"
+    assert card.loc["amp", "ran as written"] == "no" and card.loc["amp", "value"] is False
+    assert card.loc["lr", "value"] == 6.25e-4
