@@ -12,7 +12,8 @@ import timm
 
 import metapool  # noqa: F401
 from experiments import bench_gpu, bench_step
-from tests.helpers import REPO, metapool, write_params
+from tests.helpers import REPO, write_params
+from tests.helpers import metapool as metapool_cli
 
 
 def test_step_benchmark_reports_a_ratio():
@@ -67,7 +68,7 @@ def test_ddp_benchmark_runs_under_torchrun():
 
 def test_loader_benchmark_runs_with_randaugment(tmp_path):
     params = write_params(tmp_path / "params.yaml", tmp_path / "data", tmp_path / "runs")
-    metapool("data", "prepare", "--params", str(params), "--out", str(tmp_path / "data"))
+    metapool_cli("data", "prepare", "--params", str(params), "--out", str(tmp_path / "data"))
     proc = subprocess.run(
         [sys.executable, "-m", "data_pipelines.bench_loaders", "--data", str(tmp_path / "data"),
          "--img-size", "32", "--batch", "8", "--workers", "1", "--epochs", "1",
