@@ -1,6 +1,7 @@
 """``metapool data prepare``: (generated default or ImageNet subset) -> manifest -> .beton files."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -30,7 +31,12 @@ def prepare(out: str | Path, cfg: DataConfig) -> dict:
     good, skipped = check_images(records, cfg.writer.workers)
     good = split_meta(good, cfg.meta_split, cfg.seed)
     write_manifest(good, out / "manifest.csv")
-    counts = write_betons(good, out, cfg.writer)
+    if importlib.util.find_spec("ffcv") is None:  # e.g. the GPU check's machine
+        print("FFCV is not installed: wrote the manifest only; train with "
+              "data.loader.backend=torchvision (or install FFCV for the .beton files)", flush=True)
+        counts = {split: sum(r.split == split for r in good) for split in ("train", "meta", "val")}
+    else:
+        counts = write_betons(good, out, cfg.writer)
     classes = sorted({(r.label, r.wnid) for r in good})
     report = {
         "images": counts,

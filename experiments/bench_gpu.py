@@ -99,7 +99,8 @@ def estimate_hours(images_per_s: dict[str, float], epochs: int, deadline_epoch: 
             for k, s in seconds.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Print (and return, for ``experiments.gpu_check``) the throughput and estimate rows."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--img-size", type=int, default=224)
@@ -109,8 +110,12 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--estimate-gpus", type=int, default=0,
                     help="also estimate paper/standard run time on this many GPUs")
+    ap.add_argument("--estimate-only", action="store_true", help="skip the throughput rows")
+    ap.add_argument("--recipe-img-size", type=int, help="measure the recipes at this size "
+                    "instead of theirs (a CPU smoke test)")
+    ap.add_argument("--recipe-batch", type=int, help="global batch instead of the recipes'")
     ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     modes = [False] if args.no_compile else [False, True]
     fixed = {"fixed_op": "strip_pool"}
@@ -120,24 +125,30 @@ def main() -> None:
         "search": (lambda: build_model("mobilenetv2_100", "search"), True),
         "adapted": (lambda: build_model("mobilenetv2_100", "fixed", **fixed), False),
     }
-    for compile_model in modes:
+    rows = []
+    for compile_model in [] if args.estimate_only else modes:
         for name, (make, pmpl) in steps.items():
-            print(json.dumps(bench(name, make(), pmpl, args, compile_model)), flush=True)
+            rows.append(bench(name, make(), pmpl, args, compile_model))
+            print(json.dumps(rows[-1]), flush=True)
     if args.estimate_gpus:
         params = load_params(args.params, [])
         for recipe_name in ("paper", "standard"):
             r = params.recipes[recipe_name]
-            run_args = argparse.Namespace(**{**vars(args), "img_size": r.img_size,
-                                             "batch": r.batch_size // args.estimate_gpus})
+            batch = args.recipe_batch or r.batch_size
+            run_args = argparse.Namespace(**{**vars(args),
+                                             "img_size": args.recipe_img_size or r.img_size,
+                                             "batch": batch // args.estimate_gpus})
             ips = {name: bench(name, steps[name][0](), steps[name][1], run_args,
                                params.train.compile)["images_per_s"]
                    for name in ("baseline", "search", "adapted")}
-            print(json.dumps({"recipe": recipe_name, "gpus": args.estimate_gpus,
-                              "batch_per_gpu": run_args.batch, "epochs": r.epochs,
-                              "deadline_epoch": r.deadline_epoch, "images_per_s_per_gpu": ips,
-                              **estimate_hours(ips, r.epochs, r.deadline_epoch,
-                                               args.estimate_gpus, params.data.meta_split)}),
-                  flush=True)
+            rows.append({"recipe": recipe_name, "gpus": args.estimate_gpus,
+                         "batch_per_gpu": run_args.batch, "img_size": run_args.img_size,
+                         "epochs": r.epochs, "deadline_epoch": r.deadline_epoch,
+                         "images_per_s_per_gpu": ips,
+                         **estimate_hours(ips, r.epochs, r.deadline_epoch, args.estimate_gpus,
+                                          params.data.meta_split)})
+            print(json.dumps(rows[-1]), flush=True)
+    return [r for r in rows if "recipe" in r]
 
 
 if __name__ == "__main__":

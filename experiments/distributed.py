@@ -19,10 +19,11 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # by torchrun: a process group (NCCL/gloo) and DDP, even for 1 process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -99,7 +100,9 @@ def cpu_threads(threads: int, dist: Dist) -> int:
 
 
 def init_distributed() -> Dist:
-    """NCCL on GPUs, gloo on CPUs; a plain process (no torchrun) is rank 0 of 1."""
+    """NCCL on GPUs, gloo on CPUs; a plain process (no torchrun) is rank 0 of 1. Under torchrun
+    the process group and DDP are set up whatever the world size, so one process on one GPU
+    runs the same code path (NCCL included) as eight."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -108,9 +111,10 @@ def init_distributed() -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if (launched or world > 1) and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local, device)
+    return Dist(rank, world, local, device, launched)
 
 
 def cleanup() -> None:

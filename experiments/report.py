@@ -67,6 +67,46 @@ def recipe_card(name: str, values: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# what must agree between runs that are compared (the rest is listed, not judged)
+CONFOUNDS = ("git_commit", "git_dirty", "lock_sha256", "device_type", "device_name")
+
+
+def environment_table(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per environment that produced runs: commit, lock, versions, device, and which
+    runs (variant/seed) it produced."""
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/seed*/metrics.json")):
+        prov = json.loads(path.read_text()).get("provenance") or {}
+        run = f"{path.parents[1].name}/{path.parent.name}"
+        rows.append({k: prov.get(k) for k in ("git_commit", "git_dirty", "lock_sha256", "python",
+                                               "torch", "cuda", "timm", "ffcv", "device_type",
+                                               "device_name", "world_size")} | {"run": run})
+    if not rows:
+        return pd.DataFrame(columns=["runs"])
+    df = pd.DataFrame(rows).astype(object).fillna("-").astype(str)
+    keys = [c for c in df.columns if c != "run"]
+    table = df.groupby(keys, sort=False, dropna=False)["run"].agg(lambda r: ", ".join(r)).reset_index()
+    table["git_commit"] = table["git_commit"].str[:12]
+    table["lock_sha256"] = table["lock_sha256"].str[:12]
+    return table.rename(columns={"run": "runs"})
+
+
+def environment_warning(table: pd.DataFrame) -> str | None:
+    """A warning when the compared runs come from different commits, dirty trees, locked
+    environments or devices (a baseline on one GPU type and PMPL on another is a confound)."""
+    if table.empty:
+        return None
+    mixed = [k for k in CONFOUNDS if k in table and table[k].nunique() > 1]
+    dirty = "git_dirty" in table and (table["git_dirty"] == "True").any()
+    parts = []
+    if mixed:
+        parts.append("runs from different " + ", ".join(mixed) + ": their comparison mixes "
+                     "environments")
+    if dirty:
+        parts.append("some runs came from a working tree with uncommitted changes")
+    return "WARNING: " + "; ".join(parts) if parts else None
+
+
 def curves(runs_dir: str | Path, metric: str = "top1") -> pd.DataFrame:
     """Per-epoch ``metric`` of every run: columns variant, seed, epoch, value."""
     frames = []

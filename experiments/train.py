@@ -237,18 +237,30 @@ class Trainer:
                 live.end()
 
     def _open_live(self, resumed: bool):
-        from dvclive import Live
-
+        try:
+            from dvclive import Live
+        except ImportError:  # e.g. the GPU machine: metrics.json and the epoch lines still come
+            print("dvclive is not installed: no live/ curves for this run (pip install dvclive)",
+                  flush=True)
+            return None
         live = Live(str(self.out / "live"), resume=resumed, dvcyaml=False, save_dvc_exp=False)
+        live.log_params({"provenance": self._provenance()})
         live.step = self.start_epoch
         return live
 
+    def _provenance(self) -> dict:
+        from experiments.provenance import provenance
+
+        return provenance(self.device, self.dist.world_size,
+                          compiled=self.run.train.compile and self.device.type == "cuda")
+
     @staticmethod
     def _log_epoch(live, row: dict) -> None:
-        for key, value in row.items():
-            if key != "epoch":
-                live.log_metric(key, value)
-        live.next_step()
+        if live is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    live.log_metric(key, value)
+            live.next_step()
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
               flush=True)
 
@@ -431,6 +443,7 @@ class Trainer:
         }
         if genotype is not None:
             metrics["frozen_ops"] = genotype.ops_by_layer()
+        metrics["provenance"] = self._provenance()
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything metapool needs, once: Debian packages for FFCV, a virtual environment in
-# .venv, and the package with its pinned dependencies. A second run installs nothing.
+# .venv, the exact locked environment (requirements.lock, every hash checked) and the package
+# itself without dependencies. A second run installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,10 +27,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 
-stamp=".venv/.metapool-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.metapool-installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing metapool and its pinned dependencies into .venv (first time: a few minutes)"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  echo "setup: installing the locked environment (requirements.lock, hashes checked) and metapool into .venv (first time: a few minutes)"
+  .venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
   rm -f .venv/.metapool-installed-*
   touch "$stamp"
 fi

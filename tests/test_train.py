@@ -61,6 +61,25 @@ def test_training_decreases_the_loss(reference):
         assert len(list(csv.DictReader(fh))) == 18  # every val image, 3 classes x 6
 
 
+def test_every_run_records_where_it_came_from(reference):
+    import subprocess
+
+    from experiments.provenance import REPO, lock_hash
+
+    for out in reference.values():
+        prov = json.loads((out / "metrics.json").read_text())["provenance"]
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+        assert prov["git_commit"] == head and isinstance(prov["git_dirty"], bool)
+        assert prov["lock_sha256"] == lock_hash() and len(prov["lock_sha256"]) == 64
+        assert prov["device_type"] == "cpu" and prov["world_size"] == 1
+        assert prov["deterministic_algorithms"] is True and prov["torch_compile"] is False
+        assert prov["torch"] == torch.__version__ and prov["timm"] and prov["ffcv"]
+        assert prov["cpu_threads"] >= 1 and prov["cpu_model"]
+        params = (out / "live" / "params.yaml").read_text()  # dvclive's params carry it too
+        assert head in params
+
+
 def test_pmpl_freezes_every_layer_by_its_deadline(reference):
     out = reference["pmpl"]
     geno = json.loads((out / "artifacts" / "genotype.json").read_text())
