@@ -251,3 +251,16 @@ def test_build_streams_reads_the_splits_of_the_manifest(tmp_path, backend):
     assert leak.num_samples == sizes["val"]  # the reference code's leak: alpha on val
     with pytest.raises(ValueError, match="too few for a query batch: raise data.meta_split"):
         build_streams(data, **{**kw, "img_size": 16}, world_size=4, meta_source="heldout")
+
+
+def test_writer_mode_is_applied(tmp_path):
+    """data.writer.write_mode reaches FFCV's RGBImageField: each image is stored in that mode."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    root = make_tree(tmp_path / "imagenet", "folders", train_per_class=4, val_per_class=1)
+    records = split_meta(build_subset(root), 0.25, seed=0)
+    for mode in ("raw", "jpg"):
+        write_betons(records, tmp_path / mode, WriterConfig(workers=1, write_mode=mode))
+        stored = Reader(str(tmp_path / mode / "train.beton")).metadata["f0"]["mode"]
+        assert set(stored.tolist()) == {IMAGE_MODES[mode]}
