@@ -75,6 +75,14 @@ def bench(name: str, model: torch.nn.Module, pmpl: bool, args, compile_model: bo
             "step_ms": round(seconds * 1000, 2), "peak_mem_gib": round(peak, 2)}
 
 
+# the steps measured: name -> (model factory, PMPL search step?)
+STEPS = {
+    "timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), False),
+    "baseline": (lambda: build_model("mobilenetv2_100", "none"), False),
+    "search": (lambda: build_model("mobilenetv2_100", "search"), True),
+    "adapted": (lambda: build_model("mobilenetv2_100", "fixed", fixed_op="strip_pool"), False),
+}
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -118,13 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     modes = [False] if args.no_compile else [False, True]
-    fixed = {"fixed_op": "strip_pool"}
-    steps = {  # name -> (model factory, PMPL step?)
-        "timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), False),
-        "baseline": (lambda: build_model("mobilenetv2_100", "none"), False),
-        "search": (lambda: build_model("mobilenetv2_100", "search"), True),
-        "adapted": (lambda: build_model("mobilenetv2_100", "fixed", **fixed), False),
-    }
+    steps = STEPS
     rows = []
     for compile_model in [] if args.estimate_only else modes:
         for name, (make, pmpl) in steps.items():

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -52,40 +51,30 @@ def _flat(tensors) -> torch.Tensor:
 
 
 def environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "cuda": torch.version.cuda}
+    """experiments.provenance's record of this machine, plus the GPU driver."""
+    from experiments.provenance import provenance
+
+    info = provenance(device, world_size=1, compiled=device.type == "cuda")
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             info["driver"] = "unknown"
-    import timm
-
-    info["timm"] = timm.__version__
     return info
 
 
 def throughput(device: torch.device, sizes: dict, compile_models: bool) -> list[dict]:
     """experiments.bench_gpu's rows (eager, then compiled where asked)."""
-    import timm
-
     from experiments import bench_gpu
-    from metapool.models import build_model
 
     img, batch, steps, warmup = sizes["bench"]
     args = argparse.Namespace(device=str(device), img_size=img, batch=batch, steps=steps,
                               warmup=warmup)
-    makers = {"timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), False),
-              "baseline": (lambda: build_model("mobilenetv2_100", "none"), False),
-              "search": (lambda: build_model("mobilenetv2_100", "search"), True),
-              "adapted": (lambda: build_model("mobilenetv2_100", "fixed",
-                                              fixed_op="strip_pool"), False)}
     rows = []
     for compiled in ([False, True] if compile_models else [False]):
-        for name, (make, pmpl) in makers.items():
+        for name, (make, pmpl) in bench_gpu.STEPS.items():
             if compiled and pmpl:
                 continue  # a search is compiled only once it has ended (every freeze recompiles)
             rows.append(bench_gpu.bench(name, make(), pmpl, args, compiled))
@@ -216,9 +205,10 @@ def end_to_end(out: Path, sizes: dict, port: int = 29561) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"# GPU check: {env.get('gpu', env['device'])}", "",
-             f"torch {env['torch']} (CUDA {env['cuda']}), driver {env.get('driver', '-')}, "
-             f"timm {env['timm']}, Python {env['python']}; {report['seconds']:.0f} s in all.", "",
+    lines = [f"# GPU check: {env['device_name']}", "",
+             f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), driver "
+             f"{env.get('driver', '-')}, timm {env['timm']}, Python {env['python']}; "
+             f"{report['seconds']:.0f} s in all.", "",
              "## Training step throughput", "",
              "| step | compiled | img | batch | images/s | step ms | peak GiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

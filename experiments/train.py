@@ -18,6 +18,7 @@ import random
 import signal
 import time
 from contextlib import nullcontext
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -244,11 +245,13 @@ class Trainer:
                   flush=True)
             return None
         live = Live(str(self.out / "live"), resume=resumed, dvcyaml=False, save_dvc_exp=False)
-        live.log_params({"provenance": self._provenance()})
+        live.log_params({"provenance": self.provenance})
         live.step = self.start_epoch
         return live
 
-    def _provenance(self) -> dict:
+    @cached_property
+    def provenance(self) -> dict:
+        """Where this run came from (experiments.provenance), computed once."""
         from experiments.provenance import provenance
 
         return provenance(self.device, self.dist.world_size,
@@ -443,7 +446,7 @@ class Trainer:
         }
         if genotype is not None:
             metrics["frozen_ops"] = genotype.ops_by_layer()
-        metrics["provenance"] = self._provenance()
+        metrics["provenance"] = self.provenance
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
 
