@@ -215,9 +215,11 @@ def paper_gap(runs: dict[str, dict[int, dict]], variants: dict,
 
 
 def cost_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    """Params, MACs, latency, training time and throughput per variant (means over seeds)."""
+    """Params, MACs, latency, training time and throughput per variant (means over seeds), and
+    latency and training time relative to the baseline of the same backbone. Latency: batch 1,
+    224 px, CPU, the deployed model (BatchNorm folded, channels_last: metapool.profile)."""
     rows = []
-    base_time = {}
+    base_time, base_latency = {}, {}
     for v, seeds in runs.items():
         ms = list(seeds.values())
         row = {"variant": v, "mode": ms[0]["mode"], "backbone": ms[0]["backbone"],
@@ -229,8 +231,10 @@ def cost_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
         rows.append(row)
         if row["mode"] == "baseline":
             base_time[row["backbone"]] = row["train_seconds"]
+            base_latency[row["backbone"]] = row["cpu_latency_ms_224"]
     for row in rows:
-        b = base_time.get(row["backbone"])
+        b, lat = base_time.get(row["backbone"]), base_latency.get(row["backbone"])
+        row["latency_vs_baseline"] = row["cpu_latency_ms_224"] / lat if lat else math.nan
         row["train_time_vs_baseline"] = row["train_seconds"] / b if b else math.nan
     return rows
 

@@ -67,6 +67,31 @@ def recipe_card(name: str, values: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# cost.csv's columns, as the report names them
+COST_COLUMNS = {
+    "variant": "variant",
+    "params": "parameters (M)",
+    "macs_224": "MACs at 224 px (M)",
+    "cpu_latency_ms_224": "CPU latency, batch 1, 224 px (ms)",
+    "latency_vs_baseline": "latency / baseline",
+    "train_images_per_s": "training images/s",
+    "train_time_vs_baseline": "training time / baseline",
+}
+
+
+def cost_view(cost: pd.DataFrame) -> pd.DataFrame:
+    """``cost.csv`` for a reader: what each variant costs in parameters and MACs, and in time
+    (deployed latency, training throughput), side by side, rounded, columns in words."""
+    view = cost[list(COST_COLUMNS)].copy()
+    view["params"] = (view["params"] / 1e6).round(3)
+    view["macs_224"] = (view["macs_224"] / 1e6).round(1)
+    view["cpu_latency_ms_224"] = view["cpu_latency_ms_224"].round(2)
+    view["train_images_per_s"] = view["train_images_per_s"].round(0).astype(int)
+    for col in ("latency_vs_baseline", "train_time_vs_baseline"):
+        view[col] = view[col].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")
+    return view.rename(columns=COST_COLUMNS).set_index("variant")
+
+
 # what must agree between runs that are compared (the rest is listed, not judged)
 CONFOUNDS = ("git_commit", "git_dirty", "lock_sha256", "device_type", "device_name")
 

@@ -61,7 +61,7 @@ class Trainer:
             run.data, img_size=self.recipe.img_size,
             batch_size=self.recipe.batch_size // dist.world_size, scale=self.recipe.scale,
             seed=run.rng_seed, world_size=dist.world_size, device=str(self.device),
-            channels_last=run.train.channels_last and self.device.type == "cuda",
+            channels_last=run.train.channels_last,
             meta_source=run.pmpl.meta_source if run.pmpl else None,
             interpolation=self.recipe.interpolation, randaugment=self.recipe.randaugment)
         self.model_args = {**run.model_args, "num_classes": int(self.data.report["classes"])}
@@ -84,7 +84,8 @@ class Trainer:
         self.net = build_model(**self.model_args).to(self.device)
         if run.train.sync_bn and self.dist.enabled:
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-        if run.train.channels_last and self.device.type == "cuda":
+        if run.train.channels_last:
+            # on the CPU too: the enhancers' pooling is memory-bound, 2-3x faster channels_last
             self.net = self.net.to(memory_format=torch.channels_last)
         # While PMPL searches, each freeze changes which parameters get gradients (a frozen
         # enhancer stops using alpha and its dropped candidates), so DDP must look for unused

@@ -11,13 +11,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metapool.ops import DEFAULT_CANDIDATES, build_op, check_candidates
+from metapool.ops import DEFAULT_CANDIDATES, build_op, candidate_outputs, check_candidates
 
 
 def _split_channels(channels: int, split_ratio: float) -> int:
     if not 0.0 < split_ratio <= 1.0:
         raise ValueError(f"split_ratio={split_ratio} must lie in (0, 1]")
     return channels if split_ratio >= 1.0 else max(1, int(round(channels * split_ratio)))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over all elements: one pass and no temporary when both share a dense layout."""
+    for fmt, perm in ((torch.contiguous_format, None), (torch.channels_last, (0, 2, 3, 1))):
+        if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
+            if perm is not None:
+                a, b = a.permute(perm), b.permute(perm)
+            return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
+
+
+class _WeightedSum(torch.autograd.Function):
+    # sum_k w_k y_k in one output buffer; backward: dL/dy_k = w_k g, dL/dw_k = <g, y_k>.
+    # Autograd's chain of mul/add does the same with about twice the passes over memory.
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, *ys: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = ys[0] * weights[0]
+        for w, y in zip(weights[1:], ys[1:], strict=True):
+            out.addcmul_(y, w)
+        ctx.save_for_backward(weights, *ys)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        weights, *ys = ctx.saved_tensors
+        grad_w = torch.stack([_dot(grad, y) for y in ys]) if ctx.needs_input_grad[0] else None
+        grad_ys = [grad * w if need else None
+                   for w, need in zip(weights, ctx.needs_input_grad[1:], strict=True)]
+        return (grad_w, *grad_ys)
+
+
+def weighted_sum(weights: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_k weights[k] * ys[k]`` (same numbers as the Python sum, to float rounding)."""
+    return _WeightedSum.apply(weights, *ys)
+
+
+def _unweighted_sum(ys: list[torch.Tensor]) -> torch.Tensor:
+    if len(ys) == 1:
+        return ys[0]
+    out = ys[0] + ys[1]  # a new buffer: the rest accumulate into it in place
+    for y in ys[2:]:
+        out.add_(y)
+    return out
 
 
 class _EnhancerBase(nn.Module):
@@ -93,15 +137,9 @@ class MetaPoolEnhancer(_EnhancerBase):
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
         if self._chosen:
-            out = self.ops[self._chosen[0]](x)
-            for i in self._chosen[1:]:
-                out = out + self.ops[i](x)
-            return out
+            return _unweighted_sum(candidate_outputs(x, [self.ops[i] for i in self._chosen]))
         weights = F.softmax(self.alpha, dim=0).to(x.dtype)
-        out = weights[0] * self.ops[0](x)
-        for w, op in zip(weights[1:], self.ops[1:], strict=True):
-            out = out + w * op(x)
-        return out
+        return weighted_sum(weights, candidate_outputs(x, self.ops))
 
     def to_fixed(self) -> FixedEnhancer:
         """The deployable module: chosen ops with their trained weights, BN, no alpha."""
@@ -129,10 +167,7 @@ class FixedEnhancer(_EnhancerBase):
         self.ops = nn.ModuleList(build_op(n, self.enhanced) for n in self.op_names)
 
     def _combine(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.ops[0](x)
-        for op in self.ops[1:]:
-            out = out + op(x)
-        return out
+        return _unweighted_sum(candidate_outputs(x, self.ops))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, enhanced={self.enhanced}, ops={list(self.op_names)}"

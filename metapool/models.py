@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+import torch
 from timm.layers import create_attn
 from timm.models import register_model
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-from timm.models.efficientnet import _gen_mobilenet_v2
-from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual
+from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
+from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
 from metapool.genotype import Genotype
@@ -182,6 +185,56 @@ def export_fixed(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.to_fixed())
+    return model
+
+
+# Modules whose children run in the order they are registered (timm's blocks and stems), so a
+# Conv2d registered right before a BatchNorm2d feeds it. tests/test_ops.py checks every backbone.
+_SEQUENTIAL_CHILDREN = (InvertedResidual, DepthwiseSeparableConv, ConvBnAct, BasicBlock,
+                        Bottleneck, EfficientNet, MobileNetV3, ResNet, nn.Sequential)
+
+
+class ChannelAffine(nn.Module):
+    """An eval-mode BatchNorm2d as the per-channel ``x * scale + shift`` it computes."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        scale = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        shift = bn.bias.detach() - bn.running_mean * scale
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into it, in place (eval mode
+    only: the folded model computes what the eval-mode model computes, to float rounding).
+
+    timm's ``BatchNormAct2d`` keeps its activation (and dropout) as a module of its own. An
+    enhancer's BatchNorm cannot be folded into a convolution (it follows a pooling op, and a
+    ReLU6 separates it from the depthwise convolution before): it becomes a ``ChannelAffine``
+    (one pass instead of BatchNorm's two) and its h-swish runs in place on that fresh output.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model: call model.eval() first")
+    for module in model.modules():
+        if isinstance(module, (MetaPoolEnhancer, FixedEnhancer)) and \
+                isinstance(module.bn, nn.BatchNorm2d):
+            module.bn = ChannelAffine(module.bn)
+            module.act = nn.Hardswish(inplace=True)
+    for parent in model.modules():
+        if not isinstance(parent, _SEQUENTIAL_CHILDREN):
+            continue
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d):
+                continue
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                    if m is not None and not isinstance(m, nn.Identity)]
+            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     return model
 
 

@@ -1,6 +1,12 @@
-"""Model cost: parameters, MACs (torch.utils.flop_counter), enhancer count, CPU latency."""
+"""Model cost: parameters, MACs (torch.utils.flop_counter), enhancer count, CPU latency.
+
+Latency is measured on the model as it would be deployed on a CPU: a copy with BatchNorm folded
+into the convolutions (``fold_batchnorm``) and channels_last activations, for every variant
+alike. MACs do not count pooling or elementwise work; latency does.
+"""
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -10,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
+from metapool.models import fold_batchnorm
 
 
 @dataclass
@@ -35,10 +42,16 @@ def count_macs(model: nn.Module, img_size: int, in_chans: int = 3) -> int:
     return counter.get_total_flops() // 2  # the counter reports FLOPs = 2 x MACs
 
 
+def deployed(model: nn.Module) -> nn.Module:
+    """A CPU inference copy of ``model``: eval mode, BatchNorm folded, channels_last."""
+    net = fold_batchnorm(copy.deepcopy(model).cpu().float().eval())
+    return net.to(memory_format=torch.channels_last)
+
+
 def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 10, warmup: int = 3) -> float:
-    """Median wall time of a batch-1 forward pass on the CPU, in milliseconds."""
-    model.eval()
-    x = torch.randn(1, 3, img_size, img_size)
+    """Median wall time of a batch-1 forward pass of ``deployed(model)``, in milliseconds."""
+    model = deployed(model)
+    x = torch.randn(1, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
@@ -70,7 +83,8 @@ def format_table(p: Profile) -> str:
         ("parameters", f"{p.params:,} ({p.params / 1e6:.3f} M)"),
         ("MACs", f"{p.macs:,} ({p.macs / 1e6:.1f} M)"),
         ("enhancers", str(p.enhancers)),
-        ("CPU latency, batch 1", "-" if p.latency_ms is None else f"{p.latency_ms:.2f} ms"),
+        ("CPU latency, batch 1 (BN folded, channels_last)",
+         "-" if p.latency_ms is None else f"{p.latency_ms:.2f} ms"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -11,7 +11,7 @@ import sys
 import timm
 
 import metapool  # noqa: F401
-from experiments import bench_gpu, bench_step
+from experiments import bench_enhancers, bench_gpu, bench_step
 from tests.helpers import REPO, write_params
 from tests.helpers import metapool as metapool_cli
 
@@ -20,6 +20,35 @@ def test_step_benchmark_reports_a_ratio():
     row = bench_step.bench("metapool_mobilenetv2_100", img_size=32, batch=4, repeats=1,
                            inner_lr=0.01, order="first", threads=1)
     assert row["ratio"] > 0 and math.isfinite(row["pmpl_images_per_s"])
+
+
+def test_enhancer_benchmark_compares_the_same_computation():
+    # "plain" (torch's pools, Python sum, NCHW) and "fast" must be the same model, or the
+    # before/after table would compare different things
+    import torch
+
+    for name, args in bench_enhancers.genotypes().items():
+        torch.manual_seed(0)
+        # eval mode: train-mode BatchNorm over 2 images of 1x1 maps amplifies rounding
+        model = metapool.build_model("mobilenetv2_100", num_classes=10, **args).eval()
+        x = torch.randn(2, 3, 64, 64)
+        outputs = []
+        # same layout for both: channels_last changes the convolutions' rounding, which moves
+        # near-tied maxima (a layout change, not an op change)
+        for net in (bench_enhancers.plain(model), model):
+            out = net(x)
+            out.square().sum().backward()
+            outputs.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+            model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(outputs[0][1], outputs[1][1], strict=True):
+            # summed over many elements: rounding relative to the gradient's scale
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    opts = argparse.Namespace(repeats=1, train_steps=1, train_size=32, batch=2)
+    row = bench_enhancers.measure("all max_pool_3x3", {"enhancer": "fixed",
+                                                       "fixed_op": "max_pool_3x3"}, opts)
+    assert row["latency_ms_fast"] > 0 and row["train_img_s_plain"] > 0
 
 
 def test_gpu_benchmark_runs_on_cpu():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -14,6 +15,7 @@ from experiments.compare import (
     CompareSettings,
     bootstrap_ci,
     compare_pair,
+    cost_table,
     holm,
     mcnemar_exact,
     probability_of_improvement,
@@ -117,3 +119,25 @@ def test_theoretical_rf_grows_with_pooling_enhancers():
     assert all(p["rf"] >= b["rf"] for p, b in zip(pooled, base, strict=True))
     assert pooled[2]["rf"] > base[2]["rf"]
     assert strip[2]["rf"] == 224  # a strip gate sees whole rows and columns
+
+
+def test_cost_table_puts_latency_and_throughput_beside_macs_relative_to_the_baseline():
+    from experiments.report import COST_COLUMNS, cost_view
+
+    def run(mode, latency, seconds, backbone="mobilenetv2_100"):
+        return {"mode": mode, "backbone": backbone, "params": 3_504_872, "macs_224": 300_774_272,
+                "cpu_latency_ms_224": latency, "train_seconds": seconds,
+                "train_images_per_s": 880 * 4 / seconds}
+
+    runs = {"baseline": {0: run("baseline", 6.0, 10.0), 1: run("baseline", 8.0, 12.0)},
+            "pmpl": {0: run("pmpl", 10.5, 16.5), 1: run("pmpl", 10.5, 16.5)},
+            "resnet18-pmpl": {0: run("pmpl", 30.0, 40.0, backbone="resnet18")}}
+    rows = {r["variant"]: r for r in cost_table(runs)}
+    assert rows["pmpl"]["latency_vs_baseline"] == pytest.approx(1.5)
+    assert rows["pmpl"]["train_time_vs_baseline"] == pytest.approx(1.5)
+    assert math.isnan(rows["resnet18-pmpl"]["latency_vs_baseline"])  # no resnet18 baseline
+    view = cost_view(pd.DataFrame(list(rows.values())))
+    assert list(view.columns) == list(COST_COLUMNS.values())[1:]
+    assert view.loc["pmpl", "latency / baseline"] == "1.50x"
+    assert view.loc["resnet18-pmpl", "latency / baseline"] == "-"
+    assert view.loc["baseline", "CPU latency, batch 1, 224 px (ms)"] == 7.0

@@ -92,11 +92,16 @@ def test_frozen_enhancer_does_not_run_other_candidates():
     for i, op in enumerate(enh.ops):
         op.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
     enh(torch.randn(1, 8, 4, 4))
-    assert calls == list(range(len(DEFAULT_CANDIDATES)))
+    # max 5x5 and 7x7 are computed from max 3x3's output, not by their own modules
+    assert calls == [0, 1, 2, 5, 6, 7]
     calls.clear()
     enh.freeze([2, 5])
     enh(torch.randn(1, 8, 4, 4))
     assert calls == [2, 5]
+    calls.clear()
+    enh.freeze([4, 3])  # max 7x7 from max 5x5's output
+    enh(torch.randn(1, 8, 4, 4))
+    assert calls == [3]
 
 
 def test_unused_parameters_are_exactly_those_without_gradient_after_freezing():
