@@ -6,13 +6,17 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export DVC_NO_UPDATER := 1
 
-.PHONY: setup repro test test-fast lint lock gpu-check gpu-wheels
+.PHONY: setup repro test test-fast lint lock gpu-check gpu-wheels lab
 
 setup:
 	@bash scripts/setup.sh
 
 repro: setup
 	dvc repro
+
+# The report in JupyterLab; as root the server refuses to start without --allow-root.
+lab: setup
+	jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) reports/output/report.ipynb
 
 test: setup
 	python -m pytest -q

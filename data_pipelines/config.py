@@ -19,9 +19,9 @@ class DefaultDataset(_Section):
     """The generated embedded default (used when ``imagenet_root`` is empty)."""
 
     classes: int = Field(10, ge=2)
-    train_per_class: int = Field(110, ge=2)
+    train_per_class: int = Field(200, ge=2)
     val_per_class: int = Field(40, ge=1)
-    size: int = Field(40, ge=16)
+    size: int = Field(48, ge=16)
 
 
 class WriterConfig(_Section):

@@ -17,7 +17,7 @@ BILINEAR, BICUBIC = 0, 1  # the ``kernel`` argument
 INTERPOLATIONS = {"bilinear": BILINEAR, "bicubic": BICUBIC}
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def _filter(x: float, kernel: int) -> float:
     x = abs(x)
     if kernel == BILINEAR:
@@ -30,7 +30,7 @@ def _filter(x: float, kernel: int) -> float:
     return 0.0
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def _coefficients(start: float, length: float, in_size: int, out_size: int, kernel: int):
     """For each output pixel: the first input pixel, the tap count and the tap weights."""
     support = 1.0 if kernel == BILINEAR else 2.0
@@ -57,7 +57,7 @@ def _coefficients(start: float, length: float, in_size: int, out_size: int, kern
     return first, count, weights
 
 
-@njit(nogil=True, cache=False)
+@njit(nogil=True, cache=True)
 def resize_crop(source: np.ndarray, row0: int, row1: int, col0: int, col1: int,
                 destination: np.ndarray, kernel: int) -> None:
     """Resample ``source[row0:row1, col0:col1]`` (H x W x 3 uint8) into ``destination``."""
@@ -84,3 +84,16 @@ def resize_crop(source: np.ndarray, row0: int, row1: int, col0: int, col1: int,
                     acc += yw[yy, t] * rows[yf[yy] + t - r_lo, xx, c]
                 v = np.floor(acc + 0.5)
                 destination[yy, xx, c] = min(max(v, 0.0), 255.0)
+
+
+@njit(nogil=True, cache=True)
+def place_crop(pixels: np.ndarray, height: int, width: int, row: int, col: int, h: int, w: int,
+               destination: np.ndarray, kernel: int, flip_prob: float) -> None:
+    """Resample the crop (``row``, ``col``, ``h``, ``w``) of the decoded ``pixels`` (flat, at
+    least height x width x 3) into ``destination`` and flip it with ``flip_prob``. Compiled
+    once into numba's on-disk cache: FFCV's pipeline compiler recompiles its decoder closure
+    in every process, so what can live outside the closure lives here."""
+    image = pixels[: 3 * height * width].reshape(height, width, 3)
+    resize_crop(image, row, row + h, col, col + w, destination, kernel)
+    if np.random.rand() < flip_prob:
+        destination[:] = destination[:, ::-1].copy()

@@ -66,7 +66,9 @@ def render(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     radius = rng.uniform(0.06, 0.085) * size
     offsets = ARRANGEMENTS[CLASS_NAMES[label]](rng)
     extent = spacing * max(max(abs(x), abs(y)) for x, y in offsets) + radius
-    margin = min(extent + 1, size / 2 - 1)
+    # an inner border of 10% stays free of marks: random-resized crops (scale >= 0.7) and the
+    # evaluation's centre crop then rarely cut a mark, which would change the class
+    margin = min(extent + 1 + 0.1 * size, size / 2 - 1)
     cx, cy = rng.uniform(margin, size - margin, 2)
     for dx, dy in offsets:
         x = cx + dx * spacing + rng.normal(0, 0.04 * spacing)

@@ -60,14 +60,31 @@ def bootstrap_ci(values, statistic=np.mean, cfg: CompareSettings = CompareSettin
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
+def interval_kind(n: int, cfg: CompareSettings = CompareSettings()) -> str:
+    """What an interval over ``n`` seeds is: a bootstrap interval from ``min_seeds`` seeds on,
+    below that only the range of the values (a percentile bootstrap of 2 values is their
+    [min, max], which covers the true mean about half the time)."""
+    return f"{cfg.confidence:.0%} bootstrap" if n >= cfg.min_seeds else "range"
+
+
+def interval(values, cfg: CompareSettings = CompareSettings()) -> list[float]:
+    """The interval ``interval_kind`` names: bootstrap, or [min, max] below min_seeds."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:  # one value has no spread to show
+        return [math.nan, math.nan]
+    if len(values) < cfg.min_seeds:
+        return [float(values.min()), float(values.max())]
+    return list(bootstrap_ci(values, cfg=cfg))
+
+
 def summarize(per_seed: dict[int, dict], cfg: CompareSettings = CompareSettings()) -> dict:
-    """Mean, sd and bootstrap interval of top-1 and top-5 over seeds."""
-    out = {"seeds": sorted(per_seed), "n": len(per_seed)}
+    """Mean, sd and interval (``interval_kind``) of top-1 and top-5 over seeds."""
+    out = {"seeds": sorted(per_seed), "n": len(per_seed),
+           "interval_kind": interval_kind(len(per_seed), cfg)}
     for key in ("top1", "top5"):
         vals = np.array([per_seed[s][key] for s in sorted(per_seed)], dtype=float)
-        lo, hi = bootstrap_ci(vals, cfg=cfg)
         out[key] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1
-                    else math.nan, "ci": [lo, hi], "values": vals.tolist()}
+                    else math.nan, "ci": interval(vals, cfg), "values": vals.tolist()}
     return out
 
 
@@ -76,9 +93,11 @@ def probability_of_improvement(a: np.ndarray, b: np.ndarray,
     """P(A > B) over paired seeds, its bootstrap interval, and the verdict."""
     wins = (a > b).astype(float) + 0.5 * (a == b)
     p = float(wins.mean())
-    lo, hi = bootstrap_ci(wins, cfg=cfg)
     n = len(wins)
-    if n < cfg.min_seeds or math.isnan(lo):
+    if n < cfg.min_seeds:  # no interval: with so few pairs it would only restate the wins
+        return {"p": p, "ci": [math.nan, math.nan], "verdict": f"not resolved at {n} seeds"}
+    lo, hi = bootstrap_ci(wins, cfg=cfg)
+    if math.isnan(lo):
         verdict = f"not resolved at {n} seeds"
     elif lo > 0.5 and hi > 0.75:
         verdict = "better"
@@ -101,9 +120,9 @@ def mcnemar_exact(labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) ->
 def compare_pair(a: dict[int, dict], b: dict[int, dict],
                  cfg: CompareSettings = CompareSettings()) -> dict:
     """A against B: difference of top-1 with interval, seed-level test, McNemar, P(A > B)."""
-    paired = sorted(set(a) & set(b))
-    out: dict = {"paired_seeds": paired}
-    if len(paired) >= 1 and len(paired) == len(a) == len(b):
+    paired = sorted(set(a) & set(b))  # seeds both ran: the others do not pair
+    out: dict = {"paired_seeds": paired, "interval_kind": interval_kind(len(paired), cfg)}
+    if paired:
         da = np.array([a[s]["top1"] for s in paired])
         db = np.array([b[s]["top1"] for s in paired])
         diff = da - db
@@ -121,7 +140,10 @@ def compare_pair(a: dict[int, dict], b: dict[int, dict],
         out["prob_improvement"] = {"p": math.nan, "ci": [math.nan, math.nan],
                                    "verdict": "not resolved: seeds do not pair"}
     out["diff_top1"] = float(da.mean() - db.mean())
-    out["diff_ci"] = list(bootstrap_ci(diff, cfg=cfg)) if diff is not None else [math.nan, math.nan]
+    out["diff_ci"] = interval(diff, cfg) if diff is not None else [math.nan, math.nan]
+    out["identical_predictions"] = bool(paired) and all(
+        a[s].get("predictions") is not None and b[s].get("predictions") is not None
+        and np.array_equal(a[s]["predictions"], b[s]["predictions"]) for s in paired)
     per_seed, pooled = [], {"a_only": 0, "b_only": 0}
     for s in paired:
         pa, pb = a[s].get("predictions"), b[s].get("predictions")
@@ -152,41 +174,125 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
-def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]]) -> list[tuple[str, str]]:
-    """Every variant against the baseline of its backbone (same recipe), plus ``extra`` pairs."""
+def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]],
+                  controls: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Every variant against the baseline of its backbone (same recipe), plus ``extra`` pairs.
+    The controls (the "a" side of ``compare.controls``) are neither baselines nor compared
+    here: ``controls()`` judges them."""
     baselines = {}
-    for v, seeds in runs.items():
+    for v, seeds in sorted(runs.items(), reverse=True):  # "baseline" before "baseline-x"
         m = next(iter(seeds.values()))
-        if m["mode"] == "baseline":
+        if m["mode"] == "baseline" and v not in controls:
             baselines[(m["backbone"], m["recipe"])] = v
     pairs = []
     for v, seeds in sorted(runs.items()):
         m = next(iter(seeds.values()))
         base = baselines.get((m["backbone"], m["recipe"]))
-        if m["mode"] != "baseline" and base:
+        if m["mode"] != "baseline" and base and v not in controls:
             pairs.append((v, base))
     pairs += [(a, b) for a, b in extra if a in runs and b in runs and (a, b) not in pairs]
     return pairs
+
+
+def wins_needed(n: int, cfg: CompareSettings = CompareSettings()) -> int | None:
+    """The fewest wins out of ``n`` paired seeds with which the rule says "better" (None: no
+    count resolves at ``n`` seeds)."""
+    for k in range(n + 1):
+        wins = np.array([1.0] * k + [0.0] * (n - k))
+        if probability_of_improvement(wins, np.full(n, 0.5), cfg)["verdict"] == "better":
+            return k
+    return None
+
+
+def power(noise_sd: float, effect: float, n: int, cfg: CompareSettings = CompareSettings()) -> dict:
+    """What the rule can detect, given the seed-to-seed sd of a paired difference: the chance
+    that a true ``effect`` (points) is resolved at ``n`` seeds, and the seeds a paired t-test
+    needs for 80% power at 5% (two-sided)."""
+    from statsmodels.stats.power import TTestPower
+
+    out = {"noise_sd": noise_sd, "effect": effect, "seeds": n, "wins_needed": wins_needed(n, cfg)}
+    if not noise_sd > 0 or not math.isfinite(noise_sd):
+        return {**out, "p_win": math.nan, "p_resolved": math.nan, "seeds_for_t_test": math.nan}
+    p_win = float(stats.norm.cdf(effect / noise_sd))
+    k = out["wins_needed"]
+    out["p_win"] = p_win
+    out["p_resolved"] = float(stats.binom.sf(k - 1, n, p_win)) if k is not None else 0.0
+    need = TTestPower().solve_power(effect_size=effect / noise_sd, alpha=0.05, power=0.8)
+    out["seeds_for_t_test"] = int(math.ceil(need))
+    return out
+
+
+def controls(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> list[dict]:
+    """The decision rule on the configured controls: what it said, what it should say."""
+    rows = []
+    for a, b, expected in cfg.controls:
+        if a not in runs or b not in runs:
+            continue
+        c = compare_pair(runs[a], runs[b], cfg)
+        verdict = c["prob_improvement"]["verdict"]
+        said = verdict if verdict in ("better", "worse") else (
+            "no difference" if len(c["paired_seeds"]) >= cfg.min_seeds else verdict)
+        rows.append({"a": a, "b": b, "expected": expected, "verdict": said,
+                     "passed": said == expected, "seeds": len(c["paired_seeds"]),
+                     "diff_top1": c["diff_top1"], "diff_ci": c["diff_ci"],
+                     "p_a_better": c["prob_improvement"]["p"]})
+    return rows
+
+
+def noise(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> dict:
+    """Seed-to-seed noise of a paired top-1 difference (from the A/A control when there is
+    one, else sqrt(2) x the baseline's sd) and the binomial noise of the val set's size."""
+    out: dict = {"source": None, "sd_diff": math.nan, "val_images": None, "val_sd_points": math.nan}
+    aa = [(a, b) for a, b, e in cfg.controls if e == "no difference" and a in runs and b in runs]
+    if aa:
+        a, b = aa[0]
+        paired = sorted(set(runs[a]) & set(runs[b]))
+        diff = [runs[a][s]["top1"] - runs[b][s]["top1"] for s in paired]
+        if len(diff) > 1:
+            out.update(source=f"{a} - {b}, {len(diff)} seeds", sd_diff=float(np.std(diff, ddof=1)))
+    baselines = [v for v, seeds in runs.items()
+                 if next(iter(seeds.values()))["mode"] == "baseline" and len(seeds) > 1]
+    if out["source"] is None and baselines:
+        v = max(baselines, key=lambda name: len(runs[name]))
+        vals = [m["top1"] for m in runs[v].values()]
+        out.update(source=f"sqrt(2) x sd of {v}, {len(vals)} seeds",
+                   sd_diff=float(np.sqrt(2) * np.std(vals, ddof=1)))
+    base = next((seeds for v, seeds in runs.items() if v == "baseline"), None)
+    if base:
+        m = next(iter(base.values()))
+        preds = m.get("predictions")
+        n = len(preds) if preds is not None else None
+        if n:
+            p = np.mean([r["top1"] for r in base.values()]) / 100
+            out.update(val_images=n, val_sd_points=float(100 * math.sqrt(p * (1 - p) / n)))
+    return out
 
 
 def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
                 cfg: CompareSettings = CompareSettings()) -> dict:
     variants = {v: summarize(seeds, cfg) for v, seeds in runs.items()}
     comparisons = []
-    for a, b in default_pairs(runs, extra_pairs):
+    for a, b in default_pairs(runs, extra_pairs, tuple(a for a, _, _ in cfg.controls)):
         comparisons.append({"a": a, "b": b, **compare_pair(runs[a], runs[b], cfg)})
     for c, p in zip(comparisons, holm([c["test_pvalue"] for c in comparisons]), strict=True):
         c["test_pvalue_holm"] = p
     for c, p in zip(comparisons, holm([c["mcnemar_pooled"]["pvalue"] for c in comparisons]),
                     strict=True):
         c["mcnemar_pooled"]["pvalue_holm"] = p
+    seed_noise = noise(runs, cfg)
+    n_ablation = max((len(c["paired_seeds"]) for c in comparisons), default=0)
     return {"variants": variants, "comparisons": comparisons,
             "paper_gap": paper_gap(runs, variants, cfg), "cost": cost_table(runs),
-            "settings": cfg.model_dump(exclude={"extra_pairs", "out_dir"})}
+            "controls": controls(runs, cfg), "noise": seed_noise,
+            "power": {str(n): power(seed_noise["sd_diff"], PAPER_CLAIMS["gain"], n, cfg)
+                      for n in sorted({n_ablation, cfg.min_seeds} - {0})},
+            "context": _context(runs),
+            "settings": cfg.model_dump(exclude={"extra_pairs", "out_dir", "controls"})}
 
 
 def _context(runs: dict[str, dict[int, dict]]) -> dict:
-    any_run = next(iter(next(iter(runs.values())).values()))
+    seeds = runs.get("baseline") or next(iter(runs.values()))
+    any_run = next(iter(seeds.values()))
     return {k: any_run.get(k) for k in ("dataset", "recipe", "img_size", "epochs")}
 
 
@@ -244,7 +350,8 @@ def _flat_comparisons(result: dict) -> list[dict]:
     for c in result["comparisons"]:
         rows.append({"a": c["a"], "b": c["b"], "paired_seeds": len(c["paired_seeds"]),
                      "diff_top1": c["diff_top1"], "diff_ci_low": c["diff_ci"][0],
-                     "diff_ci_high": c["diff_ci"][1], "test": c["test"],
+                     "diff_ci_high": c["diff_ci"][1], "interval": c["interval_kind"],
+                     "identical_predictions": c["identical_predictions"], "test": c["test"],
                      "test_pvalue": c["test_pvalue"], "test_pvalue_holm": c["test_pvalue_holm"],
                      "mcnemar_a_only": c["mcnemar_pooled"]["a_only"],
                      "mcnemar_b_only": c["mcnemar_pooled"]["b_only"],
@@ -258,7 +365,8 @@ def _flat_comparisons(result: dict) -> list[dict]:
 
 
 def _flat_variants(result: dict) -> list[dict]:
-    return [{"variant": v, "seeds": s["n"], "top1_mean": s["top1"]["mean"], "top1_sd": s["top1"]["sd"],
+    return [{"variant": v, "seeds": s["n"], "interval": s["interval_kind"],
+             "top1_mean": s["top1"]["mean"], "top1_sd": s["top1"]["sd"],
              "top1_ci_low": s["top1"]["ci"][0], "top1_ci_high": s["top1"]["ci"][1],
              "top5_mean": s["top5"]["mean"], "top5_ci_low": s["top5"]["ci"][0],
              "top5_ci_high": s["top5"]["ci"][1]} for v, s in result["variants"].items()]

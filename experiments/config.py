@@ -171,6 +171,11 @@ class Variant(_Section):
     attention: Literal[ATTENTIONS] | None = None
     genotype_from: str | None = None
     pmpl: dict[str, Any] = Field(default_factory=dict)
+    # keys of the active recipe this variant changes (e.g. the positive control's epochs)
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    # added to every run's random seed: the same seeds' pairing, another random stream
+    # (the negative control: the baseline again, with nothing else changed)
+    seed_offset: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _mode_needs(self) -> Variant:
@@ -191,6 +196,9 @@ class CompareSettings(_Section):
     resamples: int = Field(10000, ge=100)
     min_seeds: int = Field(5, ge=2)
     extra_pairs: list[tuple[str, str]] = Field(default_factory=list)
+    # controls of the decision rule: [a, b, expected verdict of a against b]
+    controls: list[tuple[str, str, Literal["no difference", "worse", "better"]]] = Field(
+        default_factory=list)
     out_dir: str = "results"
     seed: int = 0  # of the bootstrap resampling
 
@@ -200,6 +208,10 @@ class Params(_Section):
 
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1],
                                                      min_length=1)
+    # the seeds of the controls and their reference (the `controls` stage group): at least
+    # compare.min_seeds of them, or the controls cannot reach a verdict
+    control_seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     recipe: str = "default"
     recipes: dict[str, Recipe] = Field(default_factory=lambda: {"default": Recipe()})
     model: ModelParams = Field(default_factory=ModelParams)
@@ -223,6 +235,16 @@ class Params(_Section):
             if not all(v in self.variants for v in pair):
                 raise _invalid(f"compare.extra_pairs={list(pair)!r} is invalid: each entry is "
                                "[variant_a, variant_b] of variants")
+        for a, b, _ in self.compare.controls:
+            if a not in self.variants or b not in self.variants:
+                raise _invalid(f"compare.controls entry [{a}, {b}] is invalid: both must be "
+                               "variants")
+        if self.compare.controls and len(self.control_seeds) < self.compare.min_seeds:
+            raise _invalid(f"control_seeds has {len(self.control_seeds)} seeds, fewer than "
+                           f"compare.min_seeds={self.compare.min_seeds}: the controls could "
+                           "never reach a verdict; list more seeds")
+        for name in self.variants:
+            self.variant_recipe(name)
         for group, names in self.stages.items():
             for name in names:
                 if name not in self.variants:
@@ -233,6 +255,16 @@ class Params(_Section):
     @property
     def active_recipe(self) -> Recipe:
         return self.recipes[self.recipe]
+
+    def variant_recipe(self, name: str) -> Recipe:
+        """The active recipe with variant ``name``'s overrides applied (validated)."""
+        overrides = self.variants[name].recipe if name in self.variants else {}
+        if not overrides:
+            return self.active_recipe
+        try:
+            return Recipe.model_validate({**self.active_recipe.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise _invalid(format_error(exc, Recipe, ("variants", name, "recipe"))) from None
 
     def variant_pmpl(self, name: str) -> PMPLSettings:
         """The pmpl section with variant ``name``'s overrides applied (validated)."""
@@ -361,6 +393,7 @@ class RunConfig(BaseModel):
     variant: str
     mode: Mode
     seed: int
+    seed_offset: int = 0
     out: str
     checkpoints: str
     recipe_name: str
@@ -373,8 +406,9 @@ class RunConfig(BaseModel):
 
     @property
     def rng_seed(self) -> int:
-        """The random seed of this run: the recipe's seed_base plus the run's seed."""
-        return self.recipe.seed_base + self.seed
+        """The random seed of this run: the recipe's seed_base plus the run's seed (plus the
+        variant's seed_offset)."""
+        return self.recipe.seed_base + self.seed + self.seed_offset
 
     def fingerprint(self, world_size: int, images: dict) -> str:
         """Hash of everything that decides what this run computes (not where or how fast)."""
@@ -398,7 +432,7 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
             raise ValueError(format_error(exc, Variant, ("--mode",))) from None
         variant = v.mode
     settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
-    recipe = params.active_recipe
+    recipe = params.variant_recipe(variant)
     out = out or str(Path(params.runs_dir) / variant / f"seed{seed}")
     args: dict[str, Any] = {"backbone": v.backbone or params.model.backbone,
                             "enhancer": MODE_ENHANCER[v.mode], "width": params.model.width,
@@ -420,7 +454,7 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
     if v.mode == "pmpl":
         pmpl = PMPLConfig(**settings.model_dump(), alpha_lr=recipe.alpha_lr,
                           deadline_epoch=recipe.deadline_epoch)
-    return RunConfig(variant=variant, mode=v.mode, seed=seed, out=out,
+    return RunConfig(variant=variant, mode=v.mode, seed=seed, seed_offset=v.seed_offset, out=out,
                      checkpoints=checkpoints or str(Path(out) / "checkpoints"),
                      recipe_name=params.recipe, recipe=recipe, model_args=args, pmpl=pmpl,
                      data=params.data, train=params.train)

@@ -58,7 +58,7 @@ def recipe_card(name: str, values: dict) -> pd.DataFrame:
     script said and whether the authors' code ran it as written."""
     rows = []
     for knob, value in values.items():
-        row = {"knob": knob, "value": value}
+        row = {"knob": knob, "value": str(value)}  # as written: 5e-3 must not print as 0.01
         if name == "paper":
             script, ran = PAPER_SCRIPT.get(knob, ("-", None))
             row.update({"launch script": script,
@@ -189,11 +189,27 @@ def val_images(data_dir: str | Path, img_size: int, count: int) -> torch.Tensor:
     return images
 
 
+def export_html(nb) -> str:
+    """The executed notebook as a report for a reader: no code, no parameter cells, no
+    stderr (library warnings); the notebook itself keeps all of it."""
+    from nbconvert import HTMLExporter
+
+    nb.cells = [c for c in nb.cells if not {"parameters", "injected-parameters"}
+                & set(c.get("metadata", {}).get("tags", []))]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs
+                            if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb)
+    return body
+
+
 def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
     """Execute the notebook on the pipeline outputs; write report.ipynb and report.html."""
     import nbformat
     import papermill
-    from nbconvert import HTMLExporter
 
     from metapool.io import atomic_path, atomic_write_text
 
@@ -210,6 +226,176 @@ def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
                         "data_dir": params.data.out_dir,
                         "img_size": params.active_recipe.img_size, "recipe_name": params.recipe,
                         "recipe_values": params.active_recipe.model_dump(mode="json")})
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(out / "report.ipynb", as_version=4))
-    atomic_write_text(out / "report.html", body)
+    atomic_write_text(out / "report.html", export_html(nbformat.read(out / "report.ipynb",
+                                                                     as_version=4)))
     return out / "report.html"
+
+
+# ------------------------------------------------------------------ tables for a reader
+# One row per claim of the paper: (claim, what the paper says, variant A, variant B)
+CLAIMS = [
+    ("Meta-Pooling beats MobileNetV2 under the same recipe", "+2.3 points (74.6 vs 72.3)",
+     "pmpl", "baseline"),
+    ("Pooling beats attention at similar cost (SE)", "PMPL above SE", "pmpl", "attn-se"),
+    ("Pooling beats attention at similar cost (coordinate attention)", "PMPL above CA",
+     "pmpl", "attn-coord"),
+    ("Progressive stopping helps (vs searching to the end)", "progressive stop is better",
+     "pmpl", "pmpl-no-stop"),
+    ("One stage is as good as search-then-retrain", "one-stage matches two-stage",
+     "pmpl", "two-stage"),
+    ("Defect 1 of the reference code: its stop rule (always candidate #1)",
+     "(not in the paper)", "pmpl-refcode", "pmpl"),
+    ("Defect 2 of the reference code: alpha trained on the val set", "(not in the paper)",
+     "pmpl-leak", "pmpl"),
+]
+
+
+def load_result(results_dir: str | Path) -> dict:
+    return json.loads((Path(results_dir) / "compare.json").read_text())
+
+
+def setting(result: dict) -> str:
+    """The dataset and scale every number of the report was measured at."""
+    ctx = result.get("context", {})
+    dataset = ctx.get("dataset") or "unknown"
+    if dataset != "imagenet":
+        dataset += " (NOT ImageNet-1k)"
+    return (f"{dataset}, {ctx.get('img_size')} px, {ctx.get('epochs')} epochs, "
+            f"recipe {ctx.get('recipe')}")
+
+
+def _interval(lo, hi, kind: str, digits: int = 1) -> str:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return "-"
+    return f"{kind} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if kind != "range" or lo < 0 \
+        else f"{kind} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _comparison(result: dict, a: str, b: str) -> tuple[dict | None, int]:
+    """The comparison of a against b (sign 1) or of b against a (sign -1)."""
+    for c in result["comparisons"]:
+        if (c["a"], c["b"]) == (a, b):
+            return c, 1
+        if (c["a"], c["b"]) == (b, a):
+            return c, -1
+    return None, 1
+
+
+def verdict_words(c: dict, sign: int, min_seeds: int) -> str:
+    """The decision rule's verdict of A against B, in words."""
+    if c.get("identical_predictions"):
+        return "identical: this ablation changed nothing at this scale"
+    v = c["prob_improvement"]["verdict"]
+    n = len(c["paired_seeds"])
+    if v in ("better", "worse"):
+        if sign < 0:
+            v = {"better": "worse", "worse": "better"}[v]
+        return f"{v} (all of the rule's conditions met at {n} seeds)"
+    if n < min_seeds:
+        return f"not resolved: {n} seed{'s' if n != 1 else ''}, the rule needs {min_seeds}"
+    return f"not resolved at {n} seeds: no difference the rule can see"
+
+
+def summary_table(result: dict) -> pd.DataFrame:
+    """One row per claim of the paper: what the suite measured, where, with how many seeds,
+    the interval (labelled with its kind) and the verdict in words."""
+    min_seeds = result["settings"]["min_seeds"]
+    rows = []
+    base = result["variants"].get("pmpl")
+    if base:
+        kind = base["interval_kind"]
+        rows.append({"claim": "PMPL's top-1", "paper": "74.6% on ImageNet-1k",
+                     "measured": f"{base['top1']['mean']:.1f}%",
+                     "interval": _interval(*base["top1"]["ci"], kind).replace("+", ""),
+                     "seeds": base["n"],
+                     "verdict": "not comparable in absolute terms (another dataset and scale)"
+                     if result.get("context", {}).get("dataset") != "imagenet" else "-"})
+    for claim, paper, a, b in CLAIMS:
+        c, sign = _comparison(result, a, b)
+        if c is None:
+            continue
+        lo, hi = c["diff_ci"]
+        if sign < 0 and lo is not None and hi is not None:
+            lo, hi = -hi, -lo
+        rows.append({"claim": claim, "paper": paper,
+                     "measured": f"{sign * c['diff_top1']:+.1f} points ({a} - {b})",
+                     "interval": _interval(lo, hi, c["interval_kind"]),
+                     "seeds": len(c["paired_seeds"]),
+                     "verdict": verdict_words(c, sign, min_seeds)})
+    return pd.DataFrame(rows)
+
+
+def controls_table(result: dict) -> pd.DataFrame:
+    """The decision rule on its controls: expected and observed verdicts."""
+    rows = [{"control": f"{c['a']} vs {c['b']}",
+             "kind": "negative (A/A)" if c["expected"] == "no difference" else "positive",
+             "difference (points)": f"{c['diff_top1']:+.2f}",
+             "P(A > B)": f"{c['p_a_better']:.2f}", "seeds": c["seeds"],
+             "expected": c["expected"], "the rule said": c["verdict"],
+             "as expected": "yes" if c["passed"] else "NO"} for c in result.get("controls", [])]
+    return pd.DataFrame(rows)
+
+
+def power_text(result: dict) -> str:
+    """What the seeds allow, in words: wins needed, the chance to resolve the paper's gain,
+    the seeds a paired t-test would need, and the val set's own binomial noise."""
+    noise = result.get("noise", {})
+    lines = []
+    for n, p in sorted(result.get("power", {}).items(), key=lambda kv: int(kv[0])):
+        k = p["wins_needed"]
+        rule = (f"the rule resolves a comparison only with {k} wins out of {n}"
+                if k is not None else "the rule resolves nothing, whatever the wins")
+        if p.get("p_win") is not None and not pd.isna(p.get("p_win")):
+            rule += (f"; a true gain of {p['effect']} points (the paper's) wins a seed with "
+                     f"probability {p['p_win']:.2f} and is resolved with probability "
+                     f"{p['p_resolved']:.2f}")
+        lines.append(f"- At {n} paired seeds, {rule}.")
+    if not pd.isna(noise.get("sd_diff", float("nan"))):
+        p = next(iter(result["power"].values()))
+        lines.append(f"- The seed-to-seed sd of a paired top-1 difference is "
+                     f"{noise['sd_diff']:.2f} points ({noise['source']}): a paired t-test would "
+                     f"need {p['seeds_for_t_test']} seeds for 80% power to detect "
+                     f"{p['effect']} points at the 5% level.")
+    if noise.get("val_images"):
+        lines.append(f"- McNemar's test compares two *fixed* models image by image: it measures "
+                     f"the noise of the {noise['val_images']}-image val set only (binomial sd "
+                     f"of a top-1 here: {noise['val_sd_points']:.1f} points), not the "
+                     "seed-to-seed variation a claim about the method must beat.")
+    return "\n".join(lines)
+
+
+def variants_view(result: dict) -> pd.DataFrame:
+    rows = []
+    for v, s in result["variants"].items():
+        rows.append({"variant": v, "seeds": s["n"], "top-1 (%)": round(s["top1"]["mean"], 1),
+                     "top-1 interval": _interval(*s["top1"]["ci"], s["interval_kind"]).replace(
+                         "+", ""),
+                     "top-5 (%)": round(s["top5"]["mean"], 1)})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def comparisons_view(result: dict) -> pd.DataFrame:
+    min_seeds = result["settings"]["min_seeds"]
+    rows = []
+    for c in result["comparisons"]:
+        n = len(c["paired_seeds"])
+        pi = c["prob_improvement"]
+        rows.append({
+            "A vs B": f"{c['a']} vs {c['b']}", "seeds": n,
+            "A - B (points)": f"{c['diff_top1']:+.2f}",
+            "interval": _interval(*c["diff_ci"], c["interval_kind"], digits=2),
+            "P(A > B)": f"{pi['p']:.2f}" if n >= min_seeds else f"{pi['p']:.2f} (no interval)",
+            "McNemar p, Holm": "-" if c["mcnemar_pooled"].get("pvalue_holm") is None else
+            f"{c['mcnemar_pooled']['pvalue_holm']:.2g}",
+            "verdict": verdict_words(c, 1, min_seeds)})
+    return pd.DataFrame(rows).set_index("A vs B")
+
+
+def styled(df: pd.DataFrame, caption: str):
+    """A table for the HTML: captioned, numbers rounded, long text wrapped, no index clutter."""
+    sty = df.style.set_caption(caption).format(precision=2, na_rep="-")
+    return sty.set_table_styles([
+        {"selector": "caption", "props": "caption-side: top; text-align: left; "
+                                         "font-weight: bold; padding: 4px 0;"},
+        {"selector": "td, th", "props": "max-width: 28em; white-space: normal; "
+                                        "text-align: left; padding: 2px 8px;"}])

@@ -141,3 +141,55 @@ def test_cost_table_puts_latency_and_throughput_beside_macs_relative_to_the_base
     assert view.loc["pmpl", "latency / baseline"] == "1.50x"
     assert view.loc["resnet18-pmpl", "latency / baseline"] == "-"
     assert view.loc["baseline", "CPU latency, batch 1, 224 px (ms)"] == 7.0
+
+
+def _seed_runs(values: dict[str, list[float]]) -> dict[str, dict[int, dict]]:
+    return {v: {s: {"top1": x, "mode": "baseline", "backbone": "mobilenetv2_100"}
+                for s, x in enumerate(xs)} for v, xs in values.items()}
+
+
+CONTROLS = CompareSettings(resamples=500, min_seeds=5,
+                           controls=[("baseline-aa", "baseline", "no difference"),
+                                     ("baseline-short", "baseline", "worse")])
+
+
+def test_controls_come_out_as_expected_on_seed_noise_and_a_real_effect():
+    rng = np.random.default_rng(0)
+    base = 70 + rng.normal(0, 1.5, 5)
+    runs = _seed_runs({"baseline": list(base), "baseline-aa": list(70 + rng.normal(0, 1.5, 5)),
+                  "baseline-short": list(base - 15 + rng.normal(0, 1.5, 5))})
+    from experiments.compare import controls
+    rows = {r["a"]: r for r in controls(runs, CONTROLS)}
+    assert rows["baseline-aa"]["verdict"] == "no difference" and rows["baseline-aa"]["passed"]
+    assert rows["baseline-short"]["verdict"] == "worse" and rows["baseline-short"]["passed"]
+
+
+def test_a_control_that_misbehaves_is_flagged():
+    # an "A/A" pair where A wins every seed (a leak, or a bug in seeding) must not pass
+    runs = _seed_runs({"baseline": [70, 71, 72, 69, 70], "baseline-aa": [75, 76, 77, 74, 75],
+                  "baseline-short": [70.5, 71.5, 72.5, 69.5, 70.5]})
+    from experiments.compare import controls
+    rows = {r["a"]: r for r in controls(runs, CONTROLS)}
+    assert rows["baseline-aa"]["verdict"] == "better" and not rows["baseline-aa"]["passed"]
+    assert rows["baseline-short"]["verdict"] == "better" and not rows["baseline-short"]["passed"]
+
+
+def test_few_seeds_give_ranges_and_no_probability_interval():
+    from experiments.compare import interval_kind, summarize, wins_needed
+    cfg = CompareSettings(resamples=500, min_seeds=5)
+    runs = _seed_runs({"a": [70.0, 72.0], "b": [69.0, 70.0]})
+    s = summarize({k: {**v, "top5": 90.0} for k, v in runs["a"].items()}, cfg)
+    assert s["interval_kind"] == "range" and s["top1"]["ci"] == [70.0, 72.0]
+    c = compare_pair(runs["a"], runs["b"], cfg)
+    assert c["interval_kind"] == "range" and c["diff_ci"] == [1.0, 2.0]
+    assert all(math.isnan(v) for v in c["prob_improvement"]["ci"])
+    assert c["prob_improvement"]["verdict"] == "not resolved at 2 seeds"
+    assert interval_kind(5, cfg) == "95% bootstrap"
+    assert wins_needed(5, cfg) == 5 and wins_needed(2, cfg) is None
+
+
+def test_compare_pairs_the_shared_seeds():
+    runs = _seed_runs({"a": [70.0, 71.0, 72.0], "b": [60.0, 61.0]})  # seed 2 of a has no partner
+    c = compare_pair(runs["a"], runs["b"], CompareSettings(resamples=500))
+    assert c["paired_seeds"] == [0, 1] and c["test"] == "paired t"
+    assert c["diff_top1"] == pytest.approx(10.0)

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 # CI smoke profile: every stage kind (data, plain, search, retrain, compare, report), 2 seeds.
 SMOKE = {
-    "stages": {"plain": ["baseline", "fixed-max3"], "search": ["pmpl"]},
-    "compare": {"extra_pairs": [["two-stage", "pmpl"]], "resamples": 500},
+    "control_seeds": [0, 1],
+    "stages": {"controls": ["baseline"], "plain": ["fixed-max3"], "search": ["pmpl"]},
+    "compare": {"extra_pairs": [["two-stage", "pmpl"]], "resamples": 500, "controls": []},
 }
 
 
@@ -54,7 +55,7 @@ def test_dvc_repro_produces_every_declared_output(repo_copy):
     _run(["dvc", "repro"], repo_copy)
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
     stages = lock["stages"]
-    assert {"data", "compare", "report", "train-plain@baseline-0", "train-search@pmpl-1",
+    assert {"data", "compare", "report", "train-controls@baseline-0", "train-search@pmpl-1",
             "train-retrain@1"} <= set(stages)
     for name, stage in stages.items():
         for out in stage.get("outs", []):
@@ -65,9 +66,29 @@ def test_dvc_repro_produces_every_declared_output(repo_copy):
     compare = json.loads((repo_copy / "results" / "compare.json").read_text())
     pairs = {(c["a"], c["b"]) for c in compare["comparisons"]}
     assert {("pmpl", "baseline"), ("fixed-max3", "baseline"), ("two-stage", "pmpl")} <= pairs
-    html = (repo_copy / "reports" / "output" / "report.html").read_text()
-    assert "Gap to the paper" in html and "Traceback" not in html and "<img" in html
+    _check_report((repo_copy / "reports" / "output" / "report.html").read_text())
     assert "up to date" in _run(["dvc", "status"], repo_copy).stdout
+
+
+def _check_report(html: str) -> None:
+    """The HTML a reader gets from 2-seed runs: no code, a summary, every table captioned with
+    its dataset, ranges (not 95% intervals) and no verdict."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    assert not soup.select(".jp-InputArea, .input_area, .jp-InputPrompt")  # no code shown
+    text = soup.get_text(" ")
+    assert "papermill parameters" not in text and "import " not in text
+    assert "Traceback" not in text and "Warning" not in text
+    tables = soup.find_all("table")
+    captions = [t.caption.get_text(" ") if t.caption else "" for t in tables]
+    assert any(c.startswith("Summary") for c in captions), captions
+    assert tables and all("embedded-default" in c for c in captions), captions
+    summary = next(t for t, c in zip(tables, captions, strict=True) if c.startswith("Summary"))
+    cells = summary.get_text(" ")
+    assert "range [" in cells and "not resolved: 2 seeds" in cells
+    assert "95% bootstrap" not in text  # 2 seeds: no interval may call itself one
+    assert len(soup.find_all("img")) >= 4
 
 
 def test_exp_run_reruns_only_what_reads_the_changed_param(repo_copy):
@@ -76,7 +97,7 @@ def test_exp_run_reruns_only_what_reads_the_changed_param(repo_copy):
     proc = _run(["dvc", "exp", "run", "-S", "pmpl.inner_lr=0.01"], repo_copy)
     log = proc.stdout + proc.stderr
     assert "Running stage 'train-search@pmpl-0'" in log
-    assert "Running stage 'train-plain@baseline-0'" not in log
+    assert "Running stage 'train-controls@baseline-0'" not in log
     assert "Running stage 'data'" not in log
     show = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo_copy).stdout
     assert "pmpl.inner_lr" in show and "top1" in show

@@ -23,11 +23,39 @@ def test_repository_params_are_valid():
     assert set(params.stages["plain"]) | set(params.stages["search"]) <= set(params.variants)
 
 
+def test_controls_are_the_baseline_but_for_their_one_knob():
+    from experiments.config import resolve_run
+
+    params = load_params(REPO / "params.yaml")
+    base, aa, short = (resolve_run(params, v, 3) for v in ("baseline", "baseline-aa",
+                                                            "baseline-short"))
+    assert aa.seed == base.seed == 3 and aa.rng_seed == base.rng_seed + 1000  # another stream
+    assert short.recipe.epochs == 2 < base.recipe.epochs  # the positive control's handicap
+    assert aa.recipe == base.recipe and aa.model_args == base.model_args == short.model_args
+    assert short.recipe.model_dump(exclude={"epochs"}) == base.recipe.model_dump(exclude={"epochs"})
+    assert len(params.control_seeds) >= params.compare.min_seeds
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("override,message", [
     ("pmpl.innerlr=0.1", r"unknown key pmpl.innerlr \(did you mean 'inner_lr'\?\)"),
     ("pmpl.candidates=[skip,max_pool_9x9]", "unknown candidate op 'max_pool_9x9'"),
     ("pmpl.threshold=1.5", r"pmpl.threshold=1.5 must lie in \(0, 1\]"),
     ("pmpl.threshold=0", r"pmpl.threshold=0.0 must lie in \(0, 1\]"),
+    ("variants.baseline-short.recipe.epochs=0",
+     r"variants.baseline-short.recipe.epochs=0 must be >= 1"),
+    ("control_seeds=[0,1]", "control_seeds has 2 seeds, fewer than compare.min_seeds=5"),
     ("data.meta_split=1.0", r"data.meta_split=1.0 must lie in \(0, 1\)"),
     ("pmpl.meta_split=0.3", "pmpl.meta_split moved to data.meta_split"),
     ("pmpl.alpha_lr=0.1", r"pmpl.alpha_lr moved to recipes.<recipe>.alpha_lr"),
