@@ -88,6 +88,37 @@ def _write_one(job: tuple[int, int, int, str, int, int]) -> None:
     render(label, rng, size).save(path, format="JPEG", quality=quality)
 
 
+def ilsvrc_files(root: Path, classes: int, train_per_class: int, val_per_class: int,
+                 seed: int) -> list[tuple[int, int, str]]:
+    """(label, index, path) of every image of an ILSVRC2012-layout folder: ``train/<wnid>/``,
+    then a flat ``val/`` in a seeded order of labels (indices >= 10**6). Creates the folders."""
+    files = []
+    for label in range(classes):
+        folder = root / "train" / wnid(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        files += [(label, k, str(folder / f"{wnid(label)}_{k}.JPEG"))
+                  for k in range(train_per_class)]
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 10**6])
+    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
+    files += [(int(label), 10**6 + n, str(root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG"))
+              for n, label in enumerate(val_labels, start=1)]
+    return files
+
+
+def write_val_solution(root: Path, files: list[tuple[int, int, str]],
+                       size_of: Callable[[str], tuple[int, int]]) -> None:
+    """ImageNet's ``LOC_val_solution.csv`` for the val images of ``files`` (one whole-image box;
+    ``size_of(path)`` gives (width, height))."""
+    rows = []
+    for label, _, path in files:
+        if Path(path).parent.name == "val":
+            w, h = size_of(path)
+            rows.append(f"{Path(path).stem},{wnid(label)} 0 0 {w - 1} {h - 1}")
+    atomic_write_text(root / "val" / "LOC_val_solution.csv",
+                      "ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+
+
 def generate(root: str | Path, classes: int = 10, train_per_class: int = 260,
              val_per_class: int = 50, size: int = 72, seed: int = 0, quality: int = 92,
              workers: int = 2) -> Path:
@@ -100,23 +131,11 @@ def generate(root: str | Path, classes: int = 10, train_per_class: int = 260,
             "val_per_class": val_per_class, "size": size, "seed": seed, "quality": quality}
     if done.is_file() and json.loads(done.read_text()).get("spec") == spec:
         return root
-    jobs, truth = [], []
-    for label in range(classes):
-        folder = root / "train" / wnid(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        for k in range(train_per_class):
-            jobs.append((seed, label, k, str(folder / f"{wnid(label)}_{k}.JPEG"), size, quality))
-    (root / "val").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, 10**6])
-    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
-    for n, label in enumerate(val_labels, start=1):
-        name = f"ILSVRC2012_val_{n:08d}"
-        jobs.append((seed, int(label), 10**6 + n, str(root / "val" / f"{name}.JPEG"), size, quality))
-        truth.append(f"{name},{wnid(int(label))} 0 0 {size - 1} {size - 1}")
+    files = ilsvrc_files(root, classes, train_per_class, val_per_class, seed)
+    jobs = [(seed, label, index, path, size, quality) for label, index, path in files]
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(_write_one, jobs, chunksize=64))
-    atomic_write_text(root / "val" / "LOC_val_solution.csv",
-                      "ImageId,PredictionString\n" + "\n".join(truth) + "\n")
+    write_val_solution(root, files, lambda path: (size, size))
     atomic_write_text(root / "README.txt", __doc__.strip() + "\n")
     atomic_write_text(done, json.dumps({
         "spec": spec,

@@ -264,3 +264,29 @@ def test_writer_mode_is_applied(tmp_path):
         write_betons(records, tmp_path / mode, WriterConfig(workers=1, write_mode=mode))
         stored = Reader(str(tmp_path / mode / "train.beton")).metadata["f0"]["mode"]
         assert set(stored.tolist()) == {IMAGE_MODES[mode]}
+
+
+def test_imagenet_like_corpus_has_imagenet_sizes_layout_and_bytes(tmp_path):
+    from data_pipelines.corpus import generate_corpus, image_size
+
+    sizes = [image_size(np.random.default_rng([0, 0, k])) for k in range(2000)]
+    landscape = sum(s == (500, 375) for s in sizes) / len(sizes)
+    assert 0.5 < landscape < 0.6 and sum(s == (375, 500) for s in sizes) > 200
+    assert any(w >= 1000 for w, _ in sizes) and all(w >= 120 and h >= 120 for w, h in sizes)
+    root = generate_corpus(tmp_path / "c", classes=2, train_per_class=6, val_per_class=3,
+                           workers=1)
+    files = sorted(root.glob("train/*/*.JPEG")) + sorted(root.glob("val/*.JPEG"))
+    assert len(files) == 2 * 6 + 2 * 3
+    solution = (root / "val" / "LOC_val_solution.csv").read_text().splitlines()[1:]
+    for line in solution:  # the box is the whole image, as the writer recorded it
+        name, rest = line.split(",")
+        w, h = Image.open(root / "val" / f"{name}.JPEG").size
+        assert rest.split()[3:] == [str(w - 1), str(h - 1)]
+    kb = [f.stat().st_size / 1024 for f in files if Image.open(f).size == (500, 375)]
+    assert kb and 70 < np.mean(kb) < 160  # ImageNet's JPEGs: about 110 KB
+    again = generate_corpus(tmp_path / "d", classes=2, train_per_class=6, val_per_class=3,
+                            workers=2)
+    assert all(f.read_bytes() == (again / f.relative_to(root)).read_bytes() for f in files)
+    report = prepare(tmp_path / "out", DataConfig(imagenet_root=str(root), meta_split=0.25,
+                                                  writer={"workers": 1, "max_resolution": 160}))
+    assert report["images"] == {"train": 8, "meta": 4, "val": 6}  # 2 of 6 per class held out
