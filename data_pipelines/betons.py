@@ -80,8 +80,12 @@ def write_beton(records: list[Record], path: str | Path, cfg: WriterConfig) -> i
 
 def check_images(records: list[Record], workers: int) -> tuple[list[Record], list[dict]]:
     """Decode every image once: (the readable records, the skipped ones with their reason)."""
+    from tqdm import tqdm
+
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        problems = list(pool.map(check_image, [r.path for r in records], chunksize=256))
+        # one bar per phase (FFCV's writer draws its own for each .beton)
+        problems = list(tqdm(pool.map(check_image, [r.path for r in records], chunksize=256),
+                             total=len(records), desc="validating (decode once)", unit="img"))
     skipped = [{"path": r.path, "split": r.split, "reason": p}
                for r, p in zip(records, problems, strict=True) if p is not None]
     good = [r for r, p in zip(records, problems, strict=True) if p is None]

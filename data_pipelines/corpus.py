@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from data_pipelines.synthetic import ilsvrc_files, write_val_solution
 from metapool.io import atomic_write_text
@@ -77,9 +78,10 @@ def generate_corpus(root: str | Path, classes: int = 10, train_per_class: int = 
         return root
     files = ilsvrc_files(root, classes, train_per_class, val_per_class, seed)
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        sizes = {path: (w, h) for path, w, h in pool.map(
-            _write_one, [(seed, label, index, path, quality) for label, index, path in files],
-            chunksize=16)}
+        jobs = [(seed, label, index, path, quality) for label, index, path in files]
+        sizes = {path: (w, h) for path, w, h in tqdm(
+            pool.map(_write_one, jobs, chunksize=16), total=len(jobs),
+            desc="generating the corpus", unit="img")}
     write_val_solution(root, files, sizes.__getitem__)
     total = sum(Path(p).stat().st_size for p in sizes)
     atomic_write_text(done, json.dumps({

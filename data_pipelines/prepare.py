@@ -3,13 +3,93 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
-from data_pipelines.betons import check_images, write_betons
+import numpy as np
+
+from data_pipelines.betons import check_image, check_images, load_rgb, write_betons
 from data_pipelines.config import DataConfig
 from data_pipelines.manifest import build_subset, split_meta, write_manifest
 from data_pipelines.synthetic import generate
 from metapool.io import atomic_write_text
+
+
+def _source(out: Path, cfg: DataConfig) -> Path:
+    if cfg.imagenet_root:
+        return Path(cfg.imagenet_root).expanduser()
+    d = cfg.default
+    return generate(out / "generated", classes=d.classes, train_per_class=d.train_per_class,
+                    val_per_class=d.val_per_class, size=d.size, seed=cfg.seed,
+                    workers=cfg.writer.workers)
+
+
+def estimate(out: str | Path, cfg: DataConfig, sample: int = 64) -> dict:
+    """What ``prepare`` would cost, before it writes anything: the image count from a scan of
+    the folder, and from a seeded sample decoded (validation) and written to a scratch .beton
+    with ``cfg.writer`` in one process, the seconds and bytes per image, extrapolated to the
+    whole set on ``cfg.writer.workers`` processes."""
+    records = build_subset(_source(Path(out), cfg), cfg.classes, cfg.train_per_class,
+                           cfg.val_per_class, cfg.seed, cfg.class_list or None)
+    rng = np.random.default_rng(cfg.seed)
+    picked = [records[i] for i in sorted(rng.choice(len(records), min(sample, len(records)),
+                                                    replace=False))]
+    start = time.perf_counter()
+    readable = [r for r in picked if check_image(r.path) is None]
+    check_s = (time.perf_counter() - start) / len(picked)
+    result = {"images": len(records), "sample": len(picked),
+              "sample_unreadable": len(picked) - len(readable), "workers": cfg.writer.workers,
+              "validate_s_per_image": check_s,
+              "validate_hours": len(records) * check_s / cfg.writer.workers / 3600}
+    if importlib.util.find_spec("ffcv") is not None and readable:
+        from ffcv.fields import RGBImageField
+
+        w = cfg.writer
+        field = RGBImageField(write_mode=w.write_mode, max_resolution=w.max_resolution,
+                              compress_probability=w.compress_probability,
+                              jpeg_quality=w.jpeg_quality)
+        record = np.zeros(1, dtype=field.metadata_type)[0]
+        stored: list[int] = []
+
+        def malloc(n: int):
+            stored.append(int(n))
+            return 0, np.empty(n, np.uint8)
+
+        # what the writer does per image, by FFCV's own encoder: decode, resize to
+        # max_resolution, JPEG or raw (seeded per index as betons._IndexedImages does);
+        # timed without the writer's pool start-up, paid once per .beton
+        start = time.perf_counter()
+        for i, r in enumerate(readable):
+            np.random.seed(i)
+            field.encode(record, np.asarray(load_rgb(r.path)), malloc)
+        write_s = (time.perf_counter() - start) / len(readable)
+        per_image = sum(stored) / len(readable)
+        result.update(write_s_per_image=write_s, bytes_per_image=per_image,
+                      write_hours=len(records) * write_s / cfg.writer.workers / 3600,
+                      disk_gb=len(records) * per_image / 1e9)
+    return result
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    return f"{hours:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" \
+        if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def format_estimate(e: dict) -> str:
+    """The estimate as the lines ``metapool data prepare --estimate`` prints."""
+    lines = [f"images: {e['images']:,} ({e['sample']} sampled, {e['sample_unreadable']} of them "
+             "unreadable)",
+             f"validation (decode once): {e['validate_s_per_image'] * 1000:.1f} ms per image "
+             f"per process -> {_duration(e['validate_hours'])} on {e['workers']} workers"]
+    if "write_hours" in e:
+        lines += [f"writing the .beton files: {e['write_s_per_image'] * 1000:.1f} ms per image "
+                  f"per process -> {_duration(e['write_hours'])} on {e['workers']} workers",
+                  f"disk: {e['bytes_per_image'] / 1024:.1f} KB per image -> "
+                  f"{e['disk_gb']:.2f} GB for train + meta + val"]
+    else:
+        lines.append("writing: FFCV is not installed, no .beton estimate")
+    return "\n".join(lines)
 
 
 def prepare(out: str | Path, cfg: DataConfig) -> dict:
@@ -19,13 +99,7 @@ def prepare(out: str | Path, cfg: DataConfig) -> dict:
     readable train images, and the manifest records the split of every image written.
     """
     out = Path(out)
-    if cfg.imagenet_root:
-        root = Path(cfg.imagenet_root).expanduser()
-    else:
-        d = cfg.default
-        root = generate(out / "generated", classes=d.classes, train_per_class=d.train_per_class,
-                        val_per_class=d.val_per_class, size=d.size, seed=cfg.seed,
-                        workers=cfg.writer.workers)
+    root = _source(out, cfg)
     records = build_subset(root, cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed,
                            cfg.class_list or None)
     good, skipped = check_images(records, cfg.writer.workers)

@@ -133,8 +133,11 @@ def generate(root: str | Path, classes: int = 10, train_per_class: int = 260,
         return root
     files = ilsvrc_files(root, classes, train_per_class, val_per_class, seed)
     jobs = [(seed, label, index, path, size, quality) for label, index, path in files]
+    from tqdm import tqdm
+
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(_write_one, jobs, chunksize=64))
+        list(tqdm(pool.map(_write_one, jobs, chunksize=64), total=len(jobs),
+                  desc="generating the default dataset", unit="img"))
     write_val_solution(root, files, lambda path: (size, size))
     atomic_write_text(root / "README.txt", __doc__.strip() + "\n")
     atomic_write_text(done, json.dumps({

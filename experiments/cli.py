@@ -36,13 +36,16 @@ WRITER_FLAGS = ("max_resolution", "jpeg_quality", "compress_probability", "worke
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from data_pipelines.prepare import prepare
+    from data_pipelines.prepare import estimate, format_estimate, prepare
     from experiments.config import load_params
 
     flags = [f"data.{k}={getattr(args, k)}" for k in PREPARE_FLAGS if getattr(args, k) is not None]
     flags += [f"data.writer.{k}={getattr(args, k)}" for k in WRITER_FLAGS
               if getattr(args, k) is not None]
     params = load_params(args.params, [*args.set, *flags])
+    if args.estimate:
+        print(format_estimate(estimate(args.out, params.data)))
+        return
     report = prepare(args.out, params.data)
     print(f"wrote {args.out}: {report['images']} images of {report['classes']} classes "
           f"({report['dataset']}); skipped {report['skipped']} unreadable files")
@@ -123,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--jpeg-quality", type=int)
     d.add_argument("--compress-probability", type=float)
     d.add_argument("--workers", type=int)
+    d.add_argument("--estimate", action="store_true",
+                   help="scan the folder, decode and write a seeded sample, print the expected "
+                        "time, disk and image count; write nothing")
     d.set_defaults(func=_prepare)
 
     t = sub.add_parser("train", help="train one run (a variant of params.yaml, or a bare --mode)")

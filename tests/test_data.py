@@ -287,6 +287,15 @@ def test_imagenet_like_corpus_has_imagenet_sizes_layout_and_bytes(tmp_path):
     again = generate_corpus(tmp_path / "d", classes=2, train_per_class=6, val_per_class=3,
                             workers=2)
     assert all(f.read_bytes() == (again / f.relative_to(root)).read_bytes() for f in files)
-    report = prepare(tmp_path / "out", DataConfig(imagenet_root=str(root), meta_split=0.25,
-                                                  writer={"workers": 1, "max_resolution": 160}))
+    cfg = DataConfig(imagenet_root=str(root), meta_split=0.25,
+                     writer={"workers": 1, "max_resolution": 160})
+    from data_pipelines.prepare import estimate, format_estimate
+    guess = estimate(tmp_path / "out", cfg)  # writes nothing
+    assert not (tmp_path / "out").exists() and guess["images"] == 18 and guess["sample"] == 18
+    assert "disk:" in format_estimate(guess) and guess["write_s_per_image"] > 0
+    report = prepare(tmp_path / "out", cfg)
     assert report["images"] == {"train": 8, "meta": 4, "val": 6}  # 2 of 6 per class held out
+    from ffcv.reader import Reader
+    stored = sum(int(Reader(str(tmp_path / "out" / f"{s}.beton")).alloc_table["size"].sum())
+                 for s in ("train", "meta", "val"))
+    assert guess["bytes_per_image"] * 18 == pytest.approx(stored, rel=0.1)
