@@ -109,3 +109,17 @@ def test_loader_benchmark_runs_with_randaugment(tmp_path):
     for key in ("ffcv_images_per_s", "ffcv_randaugment_images_per_s", "torchvision_images_per_s"):
         assert row[key] > 0
     assert row["images"] == 39 and row["randaugment"] == "rand-m9-mstd0.5"
+
+
+def test_prepare_benchmark_reports_rates_and_bytes(tmp_path):
+    from data_pipelines.corpus import generate_corpus
+
+    root = generate_corpus(tmp_path / "corpus", classes=2, train_per_class=3, val_per_class=1,
+                           workers=1)
+    out = subprocess.run([sys.executable, "-m", "data_pipelines.bench_prepare", str(root),
+                          "--resolutions", "64", "--compress", "0,1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["compress_probability"] for r in rows] == [0.0, 1.0]
+    assert all(r["images"] == 8 and r["write_img_s_per_process"] > 0 for r in rows)
+    assert rows[0]["kb_per_image"] > rows[1]["kb_per_image"]  # raw pixels take more than JPEG

@@ -1,0 +1,55 @@
+"""Benchmark: the cost of ``metapool data prepare`` per worker process, by writer setting.
+
+    python -m data_pipelines.corpus /tmp/corpus
+    python -m data_pipelines.bench_prepare /tmp/corpus
+
+Validates (decodes) every image once, then writes all of them to one .beton for each
+``max_resolution`` x ``compress_probability`` with one writer process, and prints one JSON line
+per setting: images/s of validation and of writing per process, and the bytes per image the
+.beton's allocation table records (the file itself is padded to FFCV's page size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from data_pipelines.betons import check_images, write_beton
+from data_pipelines.config import WriterConfig
+from data_pipelines.manifest import build_subset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", help="an ILSVRC2012-layout folder (e.g. data_pipelines.corpus)")
+    ap.add_argument("--resolutions", default="160,192,256")
+    ap.add_argument("--compress", default="0,0.5,1")
+    ap.add_argument("--quality", type=int, default=90)
+    args = ap.parse_args()
+    from ffcv.reader import Reader
+
+    records = build_subset(Path(args.root), None, None, None, 0, None)
+    start = time.perf_counter()
+    good, skipped = check_images(records, workers=1)
+    validate = len(records) / (time.perf_counter() - start)
+    for res in (int(r) for r in args.resolutions.split(",")):
+        for cp in (float(c) for c in args.compress.split(",")):
+            cfg = WriterConfig(max_resolution=res, compress_probability=cp,
+                               jpeg_quality=args.quality, workers=1)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "bench.beton"
+                start = time.perf_counter()
+                write_beton(good, path, cfg)
+                seconds = time.perf_counter() - start
+                stored = int(Reader(str(path)).alloc_table["size"].sum())
+            print(json.dumps({"images": len(good), "max_resolution": res,
+                              "compress_probability": cp,
+                              "validate_img_s_per_process": round(validate, 1),
+                              "write_img_s_per_process": round(len(good) / seconds, 1),
+                              "kb_per_image": round(stored / len(good) / 1024, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
