@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.betons import check_image, check_images, load_rgb, write_betons
+from data_pipelines.betons import check_image, check_images, encode_cost, write_betons
 from data_pipelines.config import DataConfig
 from data_pipelines.manifest import build_subset, split_meta, write_manifest
 from data_pipelines.synthetic import generate
@@ -26,9 +26,9 @@ def _source(out: Path, cfg: DataConfig) -> Path:
 
 def estimate(out: str | Path, cfg: DataConfig, sample: int = 64) -> dict:
     """What ``prepare`` would cost, before it writes anything: the image count from a scan of
-    the folder, and from a seeded sample decoded (validation) and written to a scratch .beton
-    with ``cfg.writer`` in one process, the seconds and bytes per image, extrapolated to the
-    whole set on ``cfg.writer.workers`` processes."""
+    the folder, and from a seeded sample decoded (validation) and encoded as the writer would
+    (``betons.encode_cost``) in one process, the seconds and bytes per image, extrapolated to
+    the whole set on ``cfg.writer.workers`` processes."""
     records = build_subset(_source(Path(out), cfg), cfg.classes, cfg.train_per_class,
                            cfg.val_per_class, cfg.seed, cfg.class_list or None)
     rng = np.random.default_rng(cfg.seed)
@@ -42,28 +42,7 @@ def estimate(out: str | Path, cfg: DataConfig, sample: int = 64) -> dict:
               "validate_s_per_image": check_s,
               "validate_hours": len(records) * check_s / cfg.writer.workers / 3600}
     if importlib.util.find_spec("ffcv") is not None and readable:
-        from ffcv.fields import RGBImageField
-
-        w = cfg.writer
-        field = RGBImageField(write_mode=w.write_mode, max_resolution=w.max_resolution,
-                              compress_probability=w.compress_probability,
-                              jpeg_quality=w.jpeg_quality)
-        record = np.zeros(1, dtype=field.metadata_type)[0]
-        stored: list[int] = []
-
-        def malloc(n: int):
-            stored.append(int(n))
-            return 0, np.empty(n, np.uint8)
-
-        # what the writer does per image, by FFCV's own encoder: decode, resize to
-        # max_resolution, JPEG or raw (seeded per index as betons._IndexedImages does);
-        # timed without the writer's pool start-up, paid once per .beton
-        start = time.perf_counter()
-        for i, r in enumerate(readable):
-            np.random.seed(i)
-            field.encode(record, np.asarray(load_rgb(r.path)), malloc)
-        write_s = (time.perf_counter() - start) / len(readable)
-        per_image = sum(stored) / len(readable)
+        write_s, per_image = encode_cost(readable, cfg.writer)
         result.update(write_s_per_image=write_s, bytes_per_image=per_image,
                       write_hours=len(records) * write_s / cfg.writer.workers / 3600,
                       disk_gb=len(records) * per_image / 1e9)

@@ -174,20 +174,28 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
-def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]],
-                  controls: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """Every variant against the baseline of its backbone (same recipe), plus ``extra`` pairs.
-    The controls (the "a" side of ``compare.controls``) are neither baselines nor compared
-    here: ``controls()`` judges them."""
+def reference_baselines(runs: dict[str, dict[int, dict]],
+                        controls: tuple[str, ...] = ()) -> dict[tuple[str, str], str]:
+    """(backbone, recipe) -> the baseline every variant of that backbone is measured against.
+    The controls (the "a" side of ``compare.controls``) are baseline-mode runs too, but never
+    the reference."""
     baselines = {}
     for v, seeds in sorted(runs.items(), reverse=True):  # "baseline" before "baseline-x"
         m = next(iter(seeds.values()))
         if m["mode"] == "baseline" and v not in controls:
-            baselines[(m["backbone"], m["recipe"])] = v
+            baselines[(m["backbone"], m.get("recipe"))] = v
+    return baselines
+
+
+def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]],
+                  controls: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Every variant against the baseline of its backbone (same recipe), plus ``extra`` pairs.
+    The controls are not compared here: ``controls()`` judges them."""
+    baselines = reference_baselines(runs, controls)
     pairs = []
     for v, seeds in sorted(runs.items()):
         m = next(iter(seeds.values()))
-        base = baselines.get((m["backbone"], m["recipe"]))
+        base = baselines.get((m["backbone"], m.get("recipe")))
         if m["mode"] != "baseline" and base and v not in controls:
             pairs.append((v, base))
     pairs += [(a, b) for a, b in extra if a in runs and b in runs and (a, b) not in pairs]
@@ -271,8 +279,9 @@ def noise(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> dict:
 def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
                 cfg: CompareSettings = CompareSettings()) -> dict:
     variants = {v: summarize(seeds, cfg) for v, seeds in runs.items()}
+    control_runs = tuple(a for a, _, _ in cfg.controls)
     comparisons = []
-    for a, b in default_pairs(runs, extra_pairs, tuple(a for a, _, _ in cfg.controls)):
+    for a, b in default_pairs(runs, extra_pairs, control_runs):
         comparisons.append({"a": a, "b": b, **compare_pair(runs[a], runs[b], cfg)})
     for c, p in zip(comparisons, holm([c["test_pvalue"] for c in comparisons]), strict=True):
         c["test_pvalue_holm"] = p
@@ -282,7 +291,8 @@ def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
     seed_noise = noise(runs, cfg)
     n_ablation = max((len(c["paired_seeds"]) for c in comparisons), default=0)
     return {"variants": variants, "comparisons": comparisons,
-            "paper_gap": paper_gap(runs, variants, cfg), "cost": cost_table(runs),
+            "paper_gap": paper_gap(runs, variants, cfg),
+            "cost": cost_table(runs, control_runs),
             "controls": controls(runs, cfg), "noise": seed_noise,
             "power": {str(n): power(seed_noise["sd_diff"], PAPER_CLAIMS["gain"], n, cfg)
                       for n in sorted({n_ablation, cfg.min_seeds} - {0})},
@@ -320,29 +330,29 @@ def paper_gap(runs: dict[str, dict[int, dict]], variants: dict,
     return rows
 
 
-def cost_table(runs: dict[str, dict[int, dict]]) -> list[dict]:
+def cost_table(runs: dict[str, dict[int, dict]], controls: tuple[str, ...] = ()) -> list[dict]:
     """Params, MACs, latency, training time and throughput per variant (means over seeds), and
-    latency and training time relative to the baseline of the same backbone. Latency: batch 1,
-    224 px, CPU, the deployed model (BatchNorm folded, channels_last: metapool.profile)."""
-    rows = []
-    base_time, base_latency = {}, {}
+    latency and training time relative to the reference baseline of the same backbone and
+    recipe (``reference_baselines``). Latency: batch 1, 224 px, CPU, the deployed model
+    (BatchNorm folded, channels_last: metapool.profile)."""
+    rows = {}
     for v, seeds in runs.items():
         ms = list(seeds.values())
-        row = {"variant": v, "mode": ms[0]["mode"], "backbone": ms[0]["backbone"],
-               "params": int(np.mean([m["params"] for m in ms])),
-               "macs_224": int(np.mean([m["macs_224"] for m in ms])),
-               "cpu_latency_ms_224": float(np.mean([m["cpu_latency_ms_224"] for m in ms])),
-               "train_seconds": float(np.mean([m["train_seconds"] for m in ms])),
-               "train_images_per_s": float(np.mean([m["train_images_per_s"] for m in ms]))}
-        rows.append(row)
-        if row["mode"] == "baseline":
-            base_time[row["backbone"]] = row["train_seconds"]
-            base_latency[row["backbone"]] = row["cpu_latency_ms_224"]
-    for row in rows:
-        b, lat = base_time.get(row["backbone"]), base_latency.get(row["backbone"])
-        row["latency_vs_baseline"] = row["cpu_latency_ms_224"] / lat if lat else math.nan
-        row["train_time_vs_baseline"] = row["train_seconds"] / b if b else math.nan
-    return rows
+        rows[v] = {"variant": v, "mode": ms[0]["mode"], "backbone": ms[0]["backbone"],
+                   "params": int(np.mean([m["params"] for m in ms])),
+                   "macs_224": int(np.mean([m["macs_224"] for m in ms])),
+                   "cpu_latency_ms_224": float(np.mean([m["cpu_latency_ms_224"] for m in ms])),
+                   "train_seconds": float(np.mean([m["train_seconds"] for m in ms])),
+                   "train_images_per_s": float(np.mean([m["train_images_per_s"] for m in ms]))}
+    baselines = reference_baselines(runs, controls)
+    for v, row in rows.items():
+        m = next(iter(runs[v].values()))
+        base = rows.get(baselines.get((m["backbone"], m.get("recipe")), ""))
+        row["latency_vs_baseline"] = (row["cpu_latency_ms_224"] / base["cpu_latency_ms_224"]
+                                      if base else math.nan)
+        row["train_time_vs_baseline"] = (row["train_seconds"] / base["train_seconds"]
+                                         if base else math.nan)
+    return list(rows.values())
 
 
 def _flat_comparisons(result: dict) -> list[dict]:

@@ -66,6 +66,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_Model = typing.TypeVar("_Model", bound=BaseModel)
+
+
 class Recipe(_Section):
     """A training recipe (METHOD.md section 4); ``lr`` is for ``lr_base_batch`` images and
     scales linearly with the global ``batch_size``."""
@@ -259,22 +262,22 @@ class Params(_Section):
     def variant_recipe(self, name: str) -> Recipe:
         """The active recipe with variant ``name``'s overrides applied (validated)."""
         overrides = self.variants[name].recipe if name in self.variants else {}
-        if not overrides:
-            return self.active_recipe
-        try:
-            return Recipe.model_validate({**self.active_recipe.model_dump(), **overrides})
-        except ValidationError as exc:
-            raise _invalid(format_error(exc, Recipe, ("variants", name, "recipe"))) from None
+        return _override(self.active_recipe, overrides, ("variants", name, "recipe"))
 
     def variant_pmpl(self, name: str) -> PMPLSettings:
         """The pmpl section with variant ``name``'s overrides applied (validated)."""
-        overrides = self.variants[name].pmpl
-        if not overrides:
-            return self.pmpl
-        try:
-            return PMPLSettings.model_validate({**self.pmpl.model_dump(), **overrides})
-        except ValidationError as exc:
-            raise _invalid(format_error(exc, PMPLSettings, ("variants", name, "pmpl"))) from None
+        return _override(self.pmpl, self.variants[name].pmpl, ("variants", name, "pmpl"))
+
+
+def _override(section: _Model, overrides: dict[str, Any], where: tuple[str, ...]) -> _Model:
+    """``section`` with ``overrides`` applied and validated; a bad value is a one-line error
+    naming its key under ``where``."""
+    if not overrides:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise _invalid(format_error(exc, type(section), where)) from None
 
 
 # ------------------------------------------------------------------ one-line errors

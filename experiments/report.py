@@ -264,11 +264,12 @@ def setting(result: dict) -> str:
             f"recipe {ctx.get('recipe')}")
 
 
-def _interval(lo, hi, kind: str, digits: int = 1) -> str:
+def _interval(lo, hi, kind: str, digits: int = 1, signed: bool = True) -> str:
+    """``kind [lo, hi]``; ``signed`` (differences) shows the signs unless a range is all >= 0."""
     if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
         return "-"
-    return f"{kind} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if kind != "range" or lo < 0 \
-        else f"{kind} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    sign = "+" if signed and (kind != "range" or lo < 0) else ""
+    return f"{kind} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
 
 
 def _comparison(result: dict, a: str, b: str) -> tuple[dict | None, int]:
@@ -306,7 +307,7 @@ def summary_table(result: dict) -> pd.DataFrame:
         kind = base["interval_kind"]
         rows.append({"claim": "PMPL's top-1", "paper": "74.6% on ImageNet-1k",
                      "measured": f"{base['top1']['mean']:.1f}%",
-                     "interval": _interval(*base["top1"]["ci"], kind).replace("+", ""),
+                     "interval": _interval(*base["top1"]["ci"], kind, signed=False),
                      "seeds": base["n"],
                      "verdict": "not comparable in absolute terms (another dataset and scale)"
                      if result.get("context", {}).get("dataset") != "imagenet" else "-"})
@@ -368,8 +369,8 @@ def variants_view(result: dict) -> pd.DataFrame:
     rows = []
     for v, s in result["variants"].items():
         rows.append({"variant": v, "seeds": s["n"], "top-1 (%)": round(s["top1"]["mean"], 1),
-                     "top-1 interval": _interval(*s["top1"]["ci"], s["interval_kind"]).replace(
-                         "+", ""),
+                     "top-1 interval": _interval(*s["top1"]["ci"], s["interval_kind"],
+                                                 signed=False),
                      "top-5 (%)": round(s["top5"]["mean"], 1)})
     return pd.DataFrame(rows).set_index("variant")
 

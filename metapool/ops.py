@@ -76,33 +76,33 @@ def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     return _BoxMean.apply(x, k)
 
 
-class MaxPool(nn.Module):
-    """Stride-1 k x k max pooling with -inf padding (``nn.MaxPool2d(k, 1, k // 2)``)."""
+class _StrideOnePool(nn.Module):
+    """A stride-1 k x k pooling op with same padding; ``pool`` says which."""
+
+    pool: Callable[[torch.Tensor, int], torch.Tensor]
 
     def __init__(self, kernel: int) -> None:
         super().__init__()
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return max_pool(x, self.kernel)
+        return type(self).pool(x, self.kernel)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}"
 
 
-class BoxMean(nn.Module):
+class MaxPool(_StrideOnePool):
+    """Stride-1 k x k max pooling with -inf padding (``nn.MaxPool2d(k, 1, k // 2)``)."""
+
+    pool = staticmethod(max_pool)
+
+
+class BoxMean(_StrideOnePool):
     """Stride-1 k x k average pooling that counts the zero padding
     (``nn.AvgPool2d(k, 1, k // 2, count_include_pad=True)``)."""
 
-    def __init__(self, kernel: int) -> None:
-        super().__init__()
-        self.kernel = kernel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return box_mean(x, self.kernel)
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}"
+    pool = staticmethod(box_mean)
 
 
 def candidate_outputs(x: torch.Tensor, ops: Sequence[nn.Module]) -> list[torch.Tensor]:
