@@ -175,3 +175,14 @@ def test_recipe_card_covers_every_knob_of_the_paper_recipe(data):
     # values as written (a Styler must not round 6.25e-4 away)
     assert card.loc["amp", "ran as written"] == "no" and card.loc["amp", "value"] == "False"
     assert card.loc["lr", "value"] == "0.000625"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_reaches_the_model_and_the_batches_on_the_cpu(data, channels_last):
+    root, params = data
+    p = load_params(params, [f"train.channels_last={str(channels_last).lower()}"])
+    tr = Trainer(resolve_run(p, "pmpl", 0, str(root / "runs" / f"cl-{channels_last}")), Dist())
+    fmt = torch.channels_last
+    assert tr.net.conv_stem.weight.is_contiguous(memory_format=fmt) == channels_last
+    x = first_batch(tr.data.train)
+    assert x.is_contiguous(memory_format=fmt) == channels_last and x.shape[2] > 1
