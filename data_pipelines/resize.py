@@ -57,7 +57,7 @@ def _coefficients(start: float, length: float, in_size: int, out_size: int, kern
     return first, count, weights
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def resize_crop(source: np.ndarray, row0: int, row1: int, col0: int, col1: int,
                 destination: np.ndarray, kernel: int) -> None:
     """Resample ``source[row0:row1, col0:col1]`` (H x W x 3 uint8) into ``destination``."""
@@ -68,22 +68,44 @@ def resize_crop(source: np.ndarray, row0: int, row1: int, col0: int, col1: int,
     for i in range(out_h):
         r_lo = min(r_lo, yf[i])
         r_hi = max(r_hi, yf[i] + yc[i])
-    rows = np.empty((r_hi - r_lo, out_w, 3), np.float32)
-    for r in range(r_lo, r_hi):  # horizontal pass over the rows the vertical pass reads
-        for xx in range(out_w):
-            for c in range(3):
-                acc = 0.0
-                for t in range(xc[xx]):
-                    acc += xw[xx, t] * source[r, xf[xx] + t, c]
-                rows[r - r_lo, xx, c] = acc
+    c_lo, c_hi = xf[0], xf[0] + xc[0]
+    for i in range(out_w):
+        c_lo = min(c_lo, xf[i])
+        c_hi = max(c_hi, xf[i] + xc[i])
+    rows, cols = r_hi - r_lo, c_hi - c_lo
+    # Both passes are written as "row += weight * row" over contiguous float32 rows, the form
+    # the compiler vectorises; the horizontal pass (first, as in PIL) therefore runs on the
+    # transposed crop, and its result is transposed back for the vertical pass.
+    columns = np.empty((cols, rows * 3), np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            for k in range(3):
+                columns[c, r * 3 + k] = source[r_lo + r, c_lo + c, k]
+    across = np.zeros((out_w, rows * 3), np.float32)
+    for xx in range(out_w):
+        out_row = across[xx]
+        for t in range(xc[xx]):
+            weight = xw[xx, t]
+            in_row = columns[xf[xx] + t - c_lo]
+            for k in range(rows * 3):
+                out_row[k] += weight * in_row[k]
+    resized_rows = np.empty((rows, out_w * 3), np.float32)
+    for xx in range(out_w):
+        for r in range(rows):
+            for k in range(3):
+                resized_rows[r, xx * 3 + k] = across[xx, r * 3 + k]
+    acc = np.empty(out_w * 3, np.float32)
     for yy in range(out_h):
+        acc[:] = 0.0
+        for t in range(yc[yy]):
+            weight = yw[yy, t]
+            in_row = resized_rows[yf[yy] + t - r_lo]
+            for k in range(out_w * 3):
+                acc[k] += weight * in_row[k]
         for xx in range(out_w):
-            for c in range(3):
-                acc = 0.0
-                for t in range(yc[yy]):
-                    acc += yw[yy, t] * rows[yf[yy] + t - r_lo, xx, c]
-                v = np.floor(acc + 0.5)
-                destination[yy, xx, c] = min(max(v, 0.0), 255.0)
+            for k in range(3):
+                v = np.floor(acc[xx * 3 + k] + 0.5)
+                destination[yy, xx, k] = min(max(v, 0.0), 255.0)
 
 
 @njit(nogil=True, cache=True)
