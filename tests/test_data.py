@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from data_pipelines import betons
-from data_pipelines.betons import check_image, check_images, write_betons
+from data_pipelines.betons import check_image, check_images, screen_image, write_betons
 from data_pipelines.config import DataConfig, WriterConfig
 from data_pipelines.loaders import LoaderConfig, build_streams, ffcv_stream, torchvision_stream
 from data_pipelines.manifest import build_subset, read_manifest, split_meta, write_manifest
@@ -124,6 +124,16 @@ def test_bad_roots_are_one_line_errors(tmp_path, what, expected):
         build_subset(root)
 
 
+def _corrupt_huffman_table(path: Path) -> Path:
+    """A JPEG whose headers parse and which ends with its end marker, but whose Huffman table
+    is bogus: only a full decode finds out."""
+    data = bytearray(_jpeg(path, size=(48, 40)).read_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5: table + 21] = b"\xff" * 16  # code counts that overflow the table
+    path.write_bytes(bytes(data))
+    return path
+
+
 def test_gotchas_are_decoded_or_skipped(tmp_path):
     root = make_tree(tmp_path / "imagenet", "folders", train_per_class=4)
     cls = root / "train" / WNIDS[0]
@@ -135,25 +145,35 @@ def test_gotchas_are_decoded_or_skipped(tmp_path):
     (cls / "empty.JPEG").write_bytes(b"")
     (cls / "notes.txt").write_text("a stray file")
     (cls / ".DS_Store").write_bytes(b"\x00\x01")
+    corrupt = _corrupt_huffman_table(cls / "corrupt_data.JPEG")
     for name in ("png_as_jpeg", "cmyk", "grey"):
         assert check_image(str(cls / f"{name}.JPEG")) is None
+        assert screen_image(str(cls / f"{name}.JPEG")) is None
         assert betons.load_rgb(str(cls / f"{name}.JPEG")).mode == "RGB"
+    for name in ("truncated", "empty"):  # the screen catches these without the writer
+        assert screen_image(str(cls / f"{name}.JPEG")) == check_image(str(cls / f"{name}.JPEG"))
     assert "truncated" in check_image(str(cls / "truncated.JPEG")).lower()
     assert check_image(str(cls / "empty.JPEG")) == "empty file"
+    # the screen does not decode: a corrupt scan with intact headers passes it ...
+    assert screen_image(str(corrupt)) is None and "broken data stream" in check_image(str(corrupt))
     records = build_subset(root)
     assert not any(r.path.endswith(("notes.txt", ".DS_Store")) for r in records)
     good, skipped = check_images(records, workers=1)
     assert sorted(Path(s["path"]).name for s in skipped) == ["empty.JPEG", "truncated.JPEG"]
-    # preparation drops them before the writer and lists them; the manifest holds the rest
+    # ... and the writer's single decode catches it without hanging: preparation writes the
+    # .beton files again without it and lists all three
     report = prepare(tmp_path / "out", DataConfig(imagenet_root=str(root), meta_split=0.25,
                                                   writer={"workers": 1}))
-    assert report["skipped"] == 2 and json.loads((tmp_path / "out" / "report.json").read_text()
-                                                 )["skipped_files"] == skipped
-    assert sum(report["images"].values()) == len(records) - 2 == len(good)
+    listed = json.loads((tmp_path / "out" / "report.json").read_text())["skipped_files"]
+    assert report["skipped"] == 3 and listed[:2] == skipped
+    assert listed[2]["path"] == str(corrupt) and "broken data stream" in listed[2]["reason"]
+    readable = [r for r in good if r.path != str(corrupt)]
+    assert sum(report["images"].values()) == len(records) - 3 == len(readable)
     manifest = read_manifest(tmp_path / "out" / "manifest.csv")
-    assert {r.path for r in manifest} == {r.path for r in good}
+    assert {r.path for r in manifest} == {r.path for r in readable}
     assert {r.split: sum(m.split == r.split for m in manifest) for r in manifest} == \
         report["images"]
+    assert not list((tmp_path / "out").glob(".*.tmp*"))  # the discarded .beton left nothing
 
 
 def _read_beton(path: Path):
