@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import timm
 
 import metapool  # noqa: F401
 from experiments import bench_enhancers, bench_gpu, bench_step
 from tests.helpers import REPO, write_params
-from tests.helpers import metapool as metapool_cli
 
 
 def test_step_benchmark_reports_a_ratio():
@@ -95,20 +95,73 @@ def test_ddp_benchmark_runs_under_torchrun():
     assert row["world_size"] == 2 and row["find_unused_over_static"] > 0
 
 
-def test_loader_benchmark_runs_with_randaugment(tmp_path):
-    params = write_params(tmp_path / "params.yaml", tmp_path / "data", tmp_path / "runs")
-    metapool_cli("data", "prepare", "--params", str(params), "--out", str(tmp_path / "data"))
+def test_loader_benchmark_runs_on_a_small_corpus(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.bench_loaders", "--data", str(tmp_path / "data"),
-         "--img-size", "32", "--batch", "8", "--workers", "1", "--epochs", "1",
-         "--interpolation", "bicubic", "--randaugment", "rand-m9-mstd0.5"],
+        [sys.executable, "-m", "data_pipelines.bench_loaders", "--bench-dir", str(tmp_path),
+         "--classes", "2", "--train-per-class", "6", "--val-per-class", "2",
+         "--max-resolution", "96", "--compress", "0.5", "--sizes", "32,48", "--eval-size", "32",
+         "--batch", "4", "--epochs", "1", "--randaugment", "rand-m9-mstd0.5"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("ffcv_images_per_s", "ffcv_randaugment_images_per_s", "torchvision_images_per_s"):
-        assert row[key] > 0
-    assert row["images"] == 39 and row["randaugment"] == "rand-m9-mstd0.5"
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [(r["phase"], r["img_size"]) for r in rows] == [("train", 32), ("train", 48),
+                                                          ("val", 32)]
+    ways = ("ffcv", "torchvision", "limit_beton", "limit_files")
+    for r in rows:
+        assert all(r[f"{w}_img_per_cpu_s"] > 0 and r[f"{w}_img_s"] > 0 for w in ways)
+    assert rows[0]["images"] == 10 and rows[2]["images"] == 4  # 12 train less the meta split
+    assert rows[0]["decode_only_beton_img_per_cpu_s"] > 0 and rows[0]["randaugment_cost"] > 0
+    # the corpus was prepared with the settings asked for, where the docstring says
+    report = json.loads((tmp_path / "prepared-96-0.5" / "report.json").read_text())
+    assert report["writer"]["max_resolution"] == 96 and report["images"]["train"] == 10
+
+
+def test_the_limit_reads_what_ffcv_reads_and_drafts_only_large_crops(tmp_path):
+    from PIL import Image
+
+    from data_pipelines.bench_loaders import beton_images, crop_resize, decode_only
+    from data_pipelines.config import DataConfig
+    from data_pipelines.corpus import generate_corpus
+    from data_pipelines.manifest import read_manifest
+    from data_pipelines.prepare import prepare
+
+    root = generate_corpus(tmp_path / "c", classes=2, train_per_class=3, val_per_class=1,
+                           workers=1)
+    prepare(tmp_path / "p", DataConfig(imagenet_root=str(root), meta_split=0.34,
+                                       writer={"workers": 1, "max_resolution": 128,
+                                               "compress_probability": 0.5}))
+    # the .beton holds the manifest's train images in order, resized by FFCV's writer to at
+    # most 128 px and stored as JPEG or raw: each image read is closest to its own original
+    originals = [Image.open(r.path).convert("RGB")
+                 for r in read_manifest(tmp_path / "p" / "manifest.csv") if r.split == "train"]
+    np.random.seed(0)
+    order = np.random.permutation(len(originals))
+    np.random.seed(0)
+    seen = [np.asarray(img.convert("RGB")).astype(int)
+            for img in beton_images(tmp_path / "p" / "train.beton")()]
+    np.random.seed(0)
+    decoded = [b.copy() for b in decode_only(tmp_path / "p" / "train.beton")()]
+    assert len(seen) == len(decoded) == len(originals) == 4
+    for k, ours in enumerate(seen):
+        assert max(ours.shape[:2]) == 128
+        distance = [np.abs(ours - np.asarray(o.resize(ours.shape[1::-1], Image.BOX))).mean()
+                    for o in originals]
+        assert int(np.argmin(distance)) == order[k] and min(distance) < 12
+        raw = decoded[k][: ours.size].reshape(ours.shape).astype(int)
+        # the same bytes: FFCV asks turbojpeg for its fast DCT, PIL for the exact one
+        assert np.abs(raw - ours).mean() < 3.0
+    # draft(): a scaled decode only when the crop is at least twice the output
+    path = next(root.glob("train/*/*.JPEG"))
+    full = Image.open(path).convert("RGB")
+    w, h = full.size
+    box = (0, 0, w - w % 8, h - h % 8)
+    for size, drafted in ((box[3] // 4, True), (box[3] // 2 + 8, False)):
+        img = Image.open(path)
+        out = np.asarray(crop_resize(img, box, size, Image.BICUBIC)).astype(int)
+        assert (img.size != (w, h)) == drafted
+        reference = np.asarray(full.resize((size, size), Image.BICUBIC, box=box)).astype(int)
+        assert np.abs(out - reference).mean() < 3.0
 
 
 def test_prepare_benchmark_reports_rates_and_bytes(tmp_path):
