@@ -1,6 +1,7 @@
 """``metapool data prepare``: (generated default or ImageNet subset) -> manifest -> .beton files."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import time
@@ -78,6 +79,16 @@ def format_estimate(e: dict) -> str:
     return "\n".join(lines)
 
 
+def data_id(records: list, cfg: DataConfig) -> str:
+    """Identity of a prepared dataset: which files, in which split and class, prepared with
+    which settings (a training checkpoint records it, and resumes only on the same data; the
+    code that wrote it is in the checkpoint's own fingerprint). Files rewritten in place under
+    the same names are not seen."""
+    what = {"records": [(r.path, r.split, r.label) for r in records],
+            "config": cfg.model_dump(mode="json", exclude={"loader", "out_dir"})}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
 def prepare(out: str | Path, cfg: DataConfig) -> dict:
     """Write ``manifest.csv``, ``train/meta/val.beton`` and ``report.json`` into ``out``.
 
@@ -121,6 +132,7 @@ def prepare(out: str | Path, cfg: DataConfig) -> dict:
         "seed": cfg.seed,
         "dataset": cfg.dataset_name,
         "root": str(root),
+        "data_id": data_id(good, cfg),
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report

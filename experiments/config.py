@@ -413,10 +413,17 @@ class RunConfig(BaseModel):
         variant's seed_offset)."""
         return self.recipe.seed_base + self.seed + self.seed_offset
 
-    def fingerprint(self, world_size: int, images: dict) -> str:
-        """Hash of everything that decides what this run computes (not where or how fast)."""
+    def fingerprint(self, world_size: int, data_report: dict) -> str:
+        """Hash of everything that decides what this run computes (not where or how fast): its
+        settings, the prepared data (``report.json``'s ``data_id`` and counts) and the code. A
+        checkpoint resumes only the run with the same fingerprint: DVC keeps the checkpoint
+        folder (persist) when a dependency changes, and those checkpoints belong to the old one."""
+        from experiments.provenance import code_sha256
+
         what = self.model_dump(mode="json", exclude={"out", "checkpoints", "train"})
-        what.update(world_size=world_size, images=images, sync_bn=self.train.sync_bn)
+        what.update(world_size=world_size, images=data_report["images"],
+                    data_id=data_report.get("data_id"), code=code_sha256(),
+                    sync_bn=self.train.sync_bn)
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

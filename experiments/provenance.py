@@ -5,6 +5,7 @@ which environment and which machine produced it. No host or user names.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -43,6 +44,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+@functools.cache
+def code_sha256() -> str:
+    """sha256 of the suite's Python sources (metapool, experiments, data_pipelines)."""
+    from metapool.io import sources_sha256
+
+    return sources_sha256(*(REPO / p for p in ("metapool", "experiments", "data_pipelines")))
+
+
 def lock_hash() -> str | None:
     """sha256 of requirements.lock (None when the file is not there)."""
     return hashlib.sha256(LOCK.read_bytes()).hexdigest() if LOCK.is_file() else None
@@ -54,6 +63,7 @@ def provenance(device: torch.device, world_size: int, compiled: bool) -> dict:
     info = {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
+        "code_sha256": code_sha256(),
         "lock_sha256": lock_hash(),
         "python": platform.python_version(),
         "torch": str(torch.__version__),

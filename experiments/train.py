@@ -153,7 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch: int, step_in_epoch: int) -> dict:
         return {
-            "fingerprint": self.run.fingerprint(self.dist.world_size, self.data.report["images"]),
+            "fingerprint": self.run.fingerprint(self.dist.world_size, self.data.report),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -176,11 +176,11 @@ class Trainer:
         if state is None:
             return None
         if state.get("fingerprint") != self.run.fingerprint(self.dist.world_size,
-                                                            self.data.report["images"]):
-            # DVC keeps the checkpoint folder (persist) when a parameter changes: those
+                                                            self.data.report):
+            # DVC keeps the checkpoint folder (persist) when a dependency changes: those
             # checkpoints belong to another experiment, so start afresh instead of resuming.
-            print(f"checkpoints in {self.ckpts.folder} were made with other parameters: "
-                  "starting this run from scratch", flush=True)
+            print(f"checkpoints in {self.ckpts.folder} were made with other parameters, data "
+                  "or code: starting this run from scratch", flush=True)
             self.ckpts.clear()
             return None
         self.net.load_state_dict(state["model"])
@@ -245,8 +245,15 @@ class Trainer:
             print("dvclive is not installed: no live/ curves for this run (pip install dvclive)",
                   flush=True)
             return None
-        live = Live(str(self.out / "live"), resume=resumed, dvcyaml=False, save_dvc_exp=False)
+        # DVC deletes a stage's outputs (the curves) before rerunning it, yet keeps the
+        # checkpoints: a run resumed after that rebuilds its curves from the checkpoint's history
+        replay = resumed and not (self.out / "live" / "plots" / "metrics").is_dir()
+        live = Live(str(self.out / "live"), resume=resumed and not replay, dvcyaml=False,
+                    save_dvc_exp=False)
         live.log_params({"provenance": self.provenance})
+        if replay:
+            for row in self.history:
+                self._log_live(live, row)
         live.step = self.start_epoch
         return live
 
@@ -259,12 +266,16 @@ class Trainer:
                           compiled=self.run.train.compile and self.device.type == "cuda")
 
     @staticmethod
-    def _log_epoch(live, row: dict) -> None:
+    def _log_live(live, row: dict) -> None:
+        for key, value in row.items():
+            if key != "epoch":
+                live.log_metric(key, value)
+        live.next_step()
+
+    @classmethod
+    def _log_epoch(cls, live, row: dict) -> None:
         if live is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key, value)
-            live.next_step()
+            cls._log_live(live, row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
               flush=True)
 

@@ -196,6 +196,39 @@ def test_changed_parameters_do_not_resume_stale_checkpoints(tiny):
     assert "made with other parameters" in rerun.stdout
 
 
+def test_other_data_with_the_same_counts_does_not_resume_stale_checkpoints(tiny):
+    # a re-prepared dataset (other images, another meta split) keeps its image counts: the
+    # checkpoint must know it was trained on the old one
+    root, params = tiny
+    data = root / "data-copy"
+    shutil.copytree(root / "data", data)
+    out = root / "runs" / "stale-data"
+    args = ["train", "--params", str(params), "--variant", "baseline", "--seed", "0",
+            "--out", str(out), "--set", "recipes.default.epochs=1", "--set",
+            f"data.out_dir={data}"]
+    metapool(*args)
+    assert "resuming" in metapool(*args).stdout  # same data: the finished run is resumed
+    report = json.loads((data / "report.json").read_text())
+    (data / "report.json").write_text(json.dumps({**report, "data_id": "another dataset"}))
+    rerun = metapool(*args)
+    assert "made with other parameters, data or code" in rerun.stdout
+    assert "resuming" not in rerun.stdout
+
+
+def test_a_resumed_run_rebuilds_the_curves_dvc_deleted(tiny, reference):
+    # DVC deletes a stage's outputs (live/plots) before rerunning it but keeps the persisted
+    # checkpoints: resuming the finished run must write every epoch's curve again
+    root, params = tiny
+    out = root / "runs" / "replayed"
+    shutil.copytree(reference["baseline"], out)
+    shutil.rmtree(out / "live")
+    (out / "metrics.json").unlink()
+    rerun = metapool(*_train_args(params, "baseline", out))
+    assert "resuming" in rerun.stdout
+    assert_same_metrics(reference["baseline"], out)
+    assert _history(out) == _history(reference["baseline"])
+
+
 def test_nan_loss_stops_with_the_step_and_checkpoint(tiny, monkeypatch):
     root, params = tiny
     run = resolve_run(load_params(params), "baseline", 0, str(root / "runs" / "nan"))
