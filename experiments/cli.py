@@ -72,7 +72,11 @@ def _compare(args: argparse.Namespace) -> None:
 
     params = load_params(args.params, args.set)
     out = args.out or params.compare.out_dir
-    result = run_compare(args.runs or params.runs_dir, out, params.compare)
+    result = run_compare(args.runs or params.runs_dir, out, params.compare,
+                         only=params.pipeline_runs())
+    if result["ignored_runs"]:
+        print(f"left out {len(result['ignored_runs'])} finished runs this configuration does not "
+              f"train (an earlier configuration's): {', '.join(result['ignored_runs'])}")
     for row in result["comparisons"]:
         verdict = row["prob_improvement"]["verdict"]
         print(f"{row['a']:>20} vs {row['b']:<18} {row['diff_top1']:+6.2f} pts  {verdict}")

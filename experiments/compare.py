@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,25 @@ PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wher
 }
 
 
-def load_runs(runs_dir: str | Path) -> dict[str, dict[int, dict]]:
-    """variant -> seed -> metrics (with ``predictions`` as an int array [n, 2] when present)."""
+def finished_runs(runs_dir: str | Path, only: Collection[str] | None = None) -> list[Path]:
+    """The finished run folders ``runs_dir/<variant>/seed<k>`` (those with a ``metrics.json``),
+    restricted to the names ``variant/seedK`` in ``only`` when given: runs left over from an
+    earlier configuration (more seeds, a variant since removed) stay out of the comparison."""
+    runs = sorted(p.parent for p in Path(runs_dir).glob("*/seed*/metrics.json"))
+    return runs if only is None else [r for r in runs if run_name(r) in set(only)]
+
+
+def run_name(run: Path) -> str:
+    """``variant/seedK`` of a run folder."""
+    return f"{run.parent.name}/{run.name}"
+
+
+def load_runs(runs_dir: str | Path, only: Collection[str] | None = None
+              ) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> metrics (with ``predictions`` as an int array [n, 2] when present)
+    of ``finished_runs(runs_dir, only)``."""
     runs: dict[str, dict[int, dict]] = {}
-    for metrics_path in sorted(Path(runs_dir).glob("*/seed*/metrics.json")):
+    for metrics_path in (r / "metrics.json" for r in finished_runs(runs_dir, only)):
         metrics = json.loads(metrics_path.read_text())
         pred_path = metrics_path.parent / "artifacts" / "predictions.csv"
         if pred_path.is_file():
@@ -402,11 +418,17 @@ def write_results(result: dict, out_dir: str | Path) -> None:
     atomic_write_csv(out / "cost.csv", result["cost"])
 
 
-def run_compare(runs_dir: str | Path, out_dir: str | Path, cfg: CompareSettings) -> dict:
-    """Compare every finished run under ``runs_dir``; write ``compare.json`` and the CSVs."""
-    runs = load_runs(runs_dir)
+def run_compare(runs_dir: str | Path, out_dir: str | Path, cfg: CompareSettings,
+                only: Collection[str] | None = None) -> dict:
+    """Compare the finished runs under ``runs_dir`` (those named in ``only``, when given: the
+    pipeline's, ``Params.pipeline_runs``); write ``compare.json`` and the CSVs. ``compare.json``
+    lists the runs used and those left out."""
+    runs = load_runs(runs_dir, only)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
     result = compare_all(runs, [list(p) for p in cfg.extra_pairs], cfg)
+    used = [run_name(r) for r in finished_runs(runs_dir, only)]
+    result["runs"] = used
+    result["ignored_runs"] = sorted(set(map(run_name, finished_runs(runs_dir))) - set(used))
     write_results(result, out_dir)
     return result

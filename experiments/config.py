@@ -259,6 +259,15 @@ class Params(_Section):
     def active_recipe(self) -> Recipe:
         return self.recipes[self.recipe]
 
+    def pipeline_runs(self) -> set[str] | None:
+        """The runs (``variant/seedK``) the DVC pipeline trains under this configuration: the
+        ``controls`` group at ``control_seeds``, every other group at ``seeds``; None when
+        ``stages`` lists no groups (then every run found is taken)."""
+        if not self.stages:
+            return None
+        return {f"{name}/seed{seed}" for group, names in self.stages.items() for name in names
+                for seed in (self.control_seeds if group == "controls" else self.seeds)}
+
     def variant_recipe(self, name: str) -> Recipe:
         """The active recipe with variant ``name``'s overrides applied (validated)."""
         overrides = self.variants[name].recipe if name in self.variants else {}

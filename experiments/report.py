@@ -5,11 +5,13 @@ The notebook stays thin: it calls the loaders below, which read only pipeline ou
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from experiments.compare import finished_runs, run_name
 from metapool.models import build_model
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "reports" / "report.ipynb"
@@ -96,13 +98,14 @@ def cost_view(cost: pd.DataFrame) -> pd.DataFrame:
 CONFOUNDS = ("git_commit", "git_dirty", "lock_sha256", "device_type", "device_name")
 
 
-def environment_table(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per environment that produced runs: commit, lock, versions, device, and which
-    runs (variant/seed) it produced."""
+def environment_table(runs_dir: str | Path, only: Collection[str] | None = None
+                      ) -> pd.DataFrame:
+    """One row per environment that produced runs (those named in ``only``, when given):
+    commit, lock, versions, device, and which runs (variant/seed) it produced."""
     rows = []
-    for path in sorted(Path(runs_dir).glob("*/seed*/metrics.json")):
-        prov = json.loads(path.read_text()).get("provenance") or {}
-        run = f"{path.parents[1].name}/{path.parent.name}"
+    for folder in finished_runs(runs_dir, only):
+        prov = json.loads((folder / "metrics.json").read_text()).get("provenance") or {}
+        run = run_name(folder)
         rows.append({k: prov.get(k) for k in ("git_commit", "git_dirty", "lock_sha256", "python",
                                                "torch", "cuda", "timm", "ffcv", "device_type",
                                                "device_name", "world_size")} | {"run": run})
@@ -132,12 +135,16 @@ def environment_warning(table: pd.DataFrame) -> str | None:
     return "WARNING: " + "; ".join(parts) if parts else None
 
 
-def curves(runs_dir: str | Path, metric: str = "top1") -> pd.DataFrame:
-    """Per-epoch ``metric`` of every run: columns variant, seed, epoch, value."""
+def curves(runs_dir: str | Path, metric: str = "top1", only: Collection[str] | None = None
+           ) -> pd.DataFrame:
+    """Per-epoch ``metric`` of every finished run (named in ``only``, when given): columns
+    variant, seed, epoch, value."""
     frames = []
-    for tsv in sorted(Path(runs_dir).glob(f"*/seed*/live/plots/metrics/{metric}.tsv")):
+    for run in finished_runs(runs_dir, only):
+        tsv = run / "live" / "plots" / "metrics" / f"{metric}.tsv"
+        if not tsv.is_file():
+            continue
         df = pd.read_csv(tsv, sep="\t")
-        run = tsv.parents[3]
         frames.append(pd.DataFrame({"variant": run.parent.name,
                                     "seed": int(run.name.removeprefix("seed")),
                                     "epoch": df["step"], "value": df[metric]}))
@@ -145,9 +152,10 @@ def curves(runs_dir: str | Path, metric: str = "top1") -> pd.DataFrame:
         columns=["variant", "seed", "epoch", "value"])
 
 
-def pmpl_runs(runs_dir: str | Path) -> list[Path]:
-    """Run folders that hold a PMPL genotype."""
-    return sorted(p.parents[1] for p in Path(runs_dir).glob("*/seed*/artifacts/genotype.json"))
+def pmpl_runs(runs_dir: str | Path, only: Collection[str] | None = None) -> list[Path]:
+    """Finished run folders (named in ``only``, when given) that hold a PMPL genotype."""
+    return [r for r in finished_runs(runs_dir, only)
+            if (r / "artifacts" / "genotype.json").is_file()]
 
 
 def alpha_history(run: Path) -> pd.DataFrame:
@@ -158,10 +166,11 @@ def freeze_events(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "artifacts" / "freeze_events.csv")
 
 
-def genotype_table(runs_dir: str | Path) -> pd.DataFrame:
-    """Chosen op(s) per layer for every PMPL run: columns variant, seed, layer, position, ops."""
+def genotype_table(runs_dir: str | Path, only: Collection[str] | None = None) -> pd.DataFrame:
+    """Chosen op(s) per layer for every PMPL run (named in ``only``, when given): columns
+    variant, seed, layer, position, ops."""
     rows = []
-    for run in pmpl_runs(runs_dir):
+    for run in pmpl_runs(runs_dir, only):
         geno = json.loads((run / "artifacts" / "genotype.json").read_text())
         for i, layer in enumerate(geno["layers"]):
             rows.append({"variant": run.parent.name, "seed": int(run.name.removeprefix("seed")),

@@ -193,3 +193,38 @@ def test_compare_pairs_the_shared_seeds():
     c = compare_pair(runs["a"], runs["b"], CompareSettings(resamples=500))
     assert c["paired_seeds"] == [0, 1] and c["test"] == "paired t"
     assert c["diff_top1"] == pytest.approx(10.0)
+
+
+def test_runs_left_from_an_earlier_configuration_stay_out(tmp_path):
+    # `dvc exp run -S seeds=[0,1]` and back to [0]: runs/<variant>/seed1 is still on disk
+    import json
+
+    from experiments.compare import run_compare
+    from experiments.config import Params
+    from experiments.report import curves, environment_table
+
+    for variant, seed, top1 in (("baseline", 0, 70.0), ("pmpl", 0, 60.0), ("pmpl", 1, 99.0)):
+        run = tmp_path / "runs" / variant / f"seed{seed}"
+        (run / "live" / "plots" / "metrics").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"top1": top1, "top5": 99.0, "mode": "pmpl" if variant == "pmpl" else "baseline",
+             "backbone": "mobilenetv2_100", "provenance": {"git_commit": variant},
+             "params": 1, "macs_224": 1, "cpu_latency_ms_224": 1.0, "train_seconds": 1.0,
+             "train_images_per_s": 1.0}))
+        (run / "live" / "plots" / "metrics" / "top1.tsv").write_text(f"step\ttop1\n0\t{top1}\n")
+    params = Params(seeds=[0], control_seeds=[0, 1, 2, 3, 4],
+                    variants={"baseline": {}, "pmpl": {"mode": "pmpl"}},
+                    stages={"controls": ["baseline"], "search": ["pmpl"]},
+                    compare={"controls": []})
+    assert params.pipeline_runs() == {f"baseline/seed{k}" for k in range(5)} | {"pmpl/seed0"}
+    result = run_compare(tmp_path / "runs", tmp_path / "results",
+                         CompareSettings(resamples=200), only=params.pipeline_runs())
+    assert result["runs"] == ["baseline/seed0", "pmpl/seed0"]
+    assert result["ignored_runs"] == ["pmpl/seed1"]
+    assert result["variants"]["pmpl"]["top1"]["mean"] == 60.0
+    assert result["variants"]["pmpl"]["seeds"] == [0]
+    assert set(curves(tmp_path / "runs", only=result["runs"])["seed"]) == {0}
+    assert "pmpl/seed1" not in " ".join(environment_table(tmp_path / "runs",
+                                                          only=result["runs"])["runs"])
+    # with no stage groups every run counts, as before
+    assert Params().pipeline_runs() is None
