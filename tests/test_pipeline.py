@@ -39,8 +39,10 @@ def repo_copy(tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("pipeline") / "repo"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
+    # what `dvc repro` writes (autostage adds it to git's index) is never part of the copy
+    generated = ("dvc.lock", "runs/", "results/", "checkpoints/", "data/", "reports/output/")
     for rel in filter(None, files):
-        if (REPO / rel).is_file():
+        if (REPO / rel).is_file() and not rel.startswith(generated):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
     # repo-relative paths, as a user's checkout has them
