@@ -193,8 +193,8 @@ def prepared_corpus(root: Path, classes: int, train_per_class: int, val_per_clas
     cfg = DataConfig(imagenet_root=str(corpus), out_dir=str(out),
                      writer={"max_resolution": max_resolution, "compress_probability": compress})
     report = out / "report.json"
-    if not (report.is_file() and json.loads(report.read_text()).get("writer")
-            == cfg.writer.model_dump() and json.loads(report.read_text())["root"] == str(corpus)):
+    done = json.loads(report.read_text()) if report.is_file() else {}
+    if (done.get("writer"), done.get("root")) != (cfg.writer.model_dump(), str(corpus)):
         prepare(out, cfg)
     return out
 

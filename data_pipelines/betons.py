@@ -64,7 +64,7 @@ def screen_image(path: str) -> str | None:
         with Image.open(path) as img:
             if img.width == 0 or img.height == 0:
                 return "zero-sized image"
-            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
+            if img.format == "JPEG":
                 with open(path, "rb") as fh:
                     fh.seek(max(0, size - 2))
                     if fh.read(2) == JPEG_END:
@@ -102,11 +102,11 @@ class _IndexedImages:
         # the same whichever worker writes the image.
         np.random.seed(i)
         r = self.records[i]
-        if self.failures is None:
-            return np.asarray(load_rgb(r.path)), r.label
         try:
             return np.asarray(load_rgb(r.path)), r.label
         except Exception as exc:  # any decoder failure: record it, never raise in the writer
+            if self.failures is None:
+                raise
             (self.failures / str(i)).write_text(f"{type(exc).__name__}: {exc}")
             return self.PLACEHOLDER, r.label
 
@@ -132,7 +132,8 @@ def encode_cost(records: list[Record], cfg: WriterConfig) -> tuple[float, float]
         return 0, np.empty(n, np.uint8)
 
     images = _IndexedImages(records)
-    field.encode(record, images[0][0], lambda n: (0, np.empty(n, np.uint8)))  # warm-up, untimed
+    field.encode(record, images[0][0], malloc)  # warm-up, untimed
+    stored.clear()
     start = time.perf_counter()
     for i in range(len(images)):
         field.encode(record, images[i][0], malloc)

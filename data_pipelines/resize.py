@@ -64,15 +64,9 @@ def resize_crop(source: np.ndarray, row0: int, row1: int, col0: int, col1: int,
     out_h, out_w = destination.shape[0], destination.shape[1]
     xf, xc, xw = _coefficients(float(col0), float(col1 - col0), source.shape[1], out_w, kernel)
     yf, yc, yw = _coefficients(float(row0), float(row1 - row0), source.shape[0], out_h, kernel)
-    r_lo, r_hi = yf[0], yf[0] + yc[0]
-    for i in range(out_h):
-        r_lo = min(r_lo, yf[i])
-        r_hi = max(r_hi, yf[i] + yc[i])
-    c_lo, c_hi = xf[0], xf[0] + xc[0]
-    for i in range(out_w):
-        c_lo = min(c_lo, xf[i])
-        c_hi = max(c_hi, xf[i] + xc[i])
-    rows, cols = r_hi - r_lo, c_hi - c_lo
+    # the source rows and columns the taps read
+    r_lo, c_lo = yf.min(), xf.min()
+    rows, cols = (yf + yc).max() - r_lo, (xf + xc).max() - c_lo
     # Both passes are written as "row += weight * row" over contiguous float32 rows, the form
     # the compiler vectorises; the horizontal pass (first, as in PIL) therefore runs on the
     # transposed crop, and its result is transposed back for the vertical pass.

@@ -37,7 +37,10 @@ def finished_runs(runs_dir: str | Path, only: Collection[str] | None = None) -> 
     restricted to the names ``variant/seedK`` in ``only`` when given: runs left over from an
     earlier configuration (more seeds, a variant since removed) stay out of the comparison."""
     runs = sorted(p.parent for p in Path(runs_dir).glob("*/seed*/metrics.json"))
-    return runs if only is None else [r for r in runs if run_name(r) in set(only)]
+    if only is None:
+        return runs
+    wanted = set(only)
+    return [r for r in runs if run_name(r) in wanted]
 
 
 def run_name(run: Path) -> str:
@@ -427,8 +430,9 @@ def run_compare(runs_dir: str | Path, out_dir: str | Path, cfg: CompareSettings,
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
     result = compare_all(runs, [list(p) for p in cfg.extra_pairs], cfg)
-    used = [run_name(r) for r in finished_runs(runs_dir, only)]
-    result["runs"] = used
-    result["ignored_runs"] = sorted(set(map(run_name, finished_runs(runs_dir))) - set(used))
+    found = [run_name(r) for r in finished_runs(runs_dir)]
+    wanted = set(found if only is None else only)
+    result["runs"] = [r for r in found if r in wanted]
+    result["ignored_runs"] = [r for r in found if r not in wanted]
     write_results(result, out_dir)
     return result

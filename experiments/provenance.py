@@ -46,10 +46,14 @@ def _cpu_model() -> str:
 
 @functools.cache
 def code_sha256() -> str:
-    """sha256 of the suite's Python sources (metapool, experiments, data_pipelines)."""
-    from metapool.io import sources_sha256
-
-    return sources_sha256(*(REPO / p for p in ("metapool", "experiments", "data_pipelines")))
+    """sha256 of the suite's Python sources (metapool, experiments, data_pipelines: relative
+    path and bytes of every ``.py`` file, in sorted order): the version of the code whether or
+    not git is there."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("metapool", "experiments", "data_pipelines")
+                       for p in (REPO / package).rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def lock_hash() -> str | None:

@@ -1,11 +1,9 @@
-"""Atomic file writes (a crash or a full disk never leaves a truncated file behind), and the
-hash that identifies a version of the sources."""
+"""Atomic file writes: a crash or a full disk never leaves a truncated file behind."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import errno
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -70,14 +68,3 @@ def atomic_write_csv(path: str | Path, rows: list[dict], columns: list[str] | No
         writer.writeheader()
         writer.writerows(rows)
 
-
-def sources_sha256(*folders: str | Path) -> str:
-    """sha256 over every ``.py`` file under ``folders`` (relative path and bytes, in sorted
-    order): the version of the code whether or not git is there."""
-    digest = hashlib.sha256()
-    for folder in folders:
-        folder = Path(folder)
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(str(path.relative_to(folder.parent)).encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
