@@ -176,3 +176,20 @@ def test_prepare_benchmark_reports_rates_and_bytes(tmp_path):
     assert [r["compress_probability"] for r in rows] == [0.0, 1.0]
     assert all(r["images"] == 8 and r["write_img_s_per_process"] > 0 for r in rows)
     assert rows[0]["kb_per_image"] > rows[1]["kb_per_image"]  # raw pixels take more than JPEG
+
+
+def test_prepare_benchmark_writes_with_the_workers_asked_for(tmp_path, monkeypatch, capsys):
+    from data_pipelines import bench_prepare
+    from data_pipelines.corpus import generate_corpus
+
+    root = generate_corpus(tmp_path / "corpus", classes=2, train_per_class=2, val_per_class=1,
+                           workers=1)
+    seen = []
+    real = bench_prepare.write_beton
+    monkeypatch.setattr(bench_prepare, "write_beton",
+                        lambda good, path, cfg: seen.append(cfg.workers) or real(good, path, cfg))
+    monkeypatch.setattr(sys, "argv", ["bench_prepare", str(root), "--resolutions", "64",
+                                      "--compress", "1", "--workers", "2"])
+    bench_prepare.main()
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seen == [2] and row["writers"] == 2 and row["write_img_s_per_process"] > 0
