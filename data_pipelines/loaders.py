@@ -228,7 +228,7 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
     else:
         decoder = centre_crop(size, ratio=cfg.val_ratio, interpolation=cfg.interpolation)
     pipelines = {
-        "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
+        "image": [decoder, ToTensor(), ToTorchImage(channels_last=True)],
         "label": [IntDecoder(), ToTensor(), Squeeze()],
     }
     loader = Loader(
