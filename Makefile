@@ -12,7 +12,7 @@ setup:
 	@bash scripts/setup.sh
 
 repro: setup
-	dvc repro
+	@bash scripts/repro.sh
 
 # The report in JupyterLab; as root the server refuses to start without --allow-root.
 lab: setup

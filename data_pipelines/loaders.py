@@ -6,16 +6,22 @@ centre crop of ``val_ratio`` (224/256) of the shorter side, resized to ``S``.
 
 FFCV pitfalls handled here (libffcv/ffcv issue numbers): its random crop and flip ignore the
 loader seed (#392, #300), so ``SeededRandomResizedCropFlip`` reseeds numba's RNG per sample from
-(seed, the batch's indices, the sample index): identical across runs and threads, different each
-epoch because the (seeded) order is. Normalisation happens in torch after the loader, never as a
-jitted op after ``ToTorchImage`` (that order hangs, #396), which also needs no cupy on the GPU.
-``import ffcv`` and every epoch reset torch's thread count: ``DataStream`` restores it.
-``build_streams`` is the one place that picks the backend and the splits of a training run.
+(the batch's indices, the sample index): identical across runs and threads, different each epoch
+and seed because the order is, which ``SeededOrder`` draws from (seed, epoch) - FFCV's own RANDOM
+order uses seed + epoch, so seed 1 would replay seed 0's orders one epoch late. Nothing in the
+loader depends on the seed at compile time, so a stream is reseeded for the next run of the same
+process without compiling its pipeline again (``Streams.reseed``). Normalisation happens in torch
+after the loader, never as a jitted op after ``ToTorchImage`` (that order hangs, #396), which
+also needs no cupy on the GPU; the loader thread runs no torch op at all (``ToTorchImage`` returns
+a view): one that did made libgomp count more threads than cores and throttle its spin-wait,
+which cost training 40% on 2 cores. ``import ffcv`` and every epoch reset torch's thread count:
+``DataStream`` restores it. ``build_streams`` is the one place that picks the backend and the
+splits of a training run.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +74,7 @@ def _decoder_classes():
         get_crop_c = Compiler.compile(get_random_crop if train else get_center_crop)
         scale = np.array(self.scale) if train else np.zeros(2)
         ratio = np.array(self.ratio) if train else self.ratio
-        seed, flip_prob, kernel = self.seed, self.flip_prob, self.kernel
+        flip_prob, kernel = self.flip_prob, self.kernel
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -77,7 +83,7 @@ def _decoder_classes():
                 batch_key = (batch_key * 1000003 + batch_indices[k] + 1) % 2147483647
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
-                np.random.seed((seed * 7919 + batch_key * 104729 + source_ix) % 2147483647)
+                np.random.seed((batch_key * 104729 + source_ix) % 2147483647)
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
@@ -98,10 +104,9 @@ def _decoder_classes():
     class SeededRandomResizedCropFlip(RandomResizedCropRGBImageDecoder):
         """RandomResizedCrop + horizontal flip with per-sample seeding (FFCV #392)."""
 
-        def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed: int = 0,
+        def __init__(self, output_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                      flip_prob: float = 0.5, interpolation: str = "bilinear"):
             super().__init__(output_size, scale, ratio)
-            self.seed = int(seed) % (2**31)
             self.flip_prob = flip_prob
             self.kernel = INTERPOLATIONS[interpolation]
 
@@ -113,13 +118,32 @@ def _decoder_classes():
 
         def __init__(self, output_size, ratio: float, interpolation: str = "bilinear"):
             super().__init__(output_size, ratio)
-            self.seed, self.flip_prob = 0, 0.0
+            self.flip_prob = 0.0
             self.kernel = INTERPOLATIONS[interpolation]
 
         def generate_code(self):
             return generate(self, train=False)
 
     return SeededRandomResizedCropFlip, CenterCropResize
+
+
+def _seeded_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+    from torch.utils.data import DistributedSampler
+
+    class SeededOrder(TraversalOrder):
+        """A random order drawn from (seed, epoch), reseedable; distributed as FFCV's RANDOM
+        (torch's DistributedSampler with this seed)."""
+
+        def sample_order(self, epoch: int):
+            if not self.distributed:
+                return np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+            sampler = DistributedSampler(self.indices, shuffle=True, seed=self.seed,
+                                         drop_last=False)
+            sampler.set_epoch(epoch)
+            return self.indices[np.array(list(sampler))]
+
+    return SeededOrder
 
 
 class DataStream:
@@ -137,6 +161,15 @@ class DataStream:
         """Position the loader at ``epoch``."""
         self.epoch = epoch
         self._position(epoch)
+
+    def reseed(self, seed: int) -> None:
+        """The same stream for another run: its order and augmentation drawn from ``seed``."""
+        self.cfg = replace(self.cfg, seed=seed)
+        self._reseed(seed)
+        self.set_epoch(0)
+
+    def _reseed(self, seed: int) -> None:
+        raise NotImplementedError
 
     def _position(self, epoch: int) -> None:
         raise NotImplementedError
@@ -177,6 +210,9 @@ class FFCVStream(DataStream):
             self.randaugment = BatchRandAugment(randaugment, self.cfg.interpolation)
             self.generator = torch.Generator(device=device)
 
+    def _reseed(self, seed: int) -> None:
+        self.loader.seed = self.loader.traversal_order.seed = seed
+
     def _position(self, epoch: int) -> None:
         self.loader.next_epoch = epoch
         if self.randaugment is not None:  # the augmentation of an epoch is fixed by (seed, epoch)
@@ -190,6 +226,10 @@ class FFCVStream(DataStream):
 
 class TorchvisionStream(DataStream):
     """torchvision's transforms already normalise; the order comes from the sampler."""
+
+    def _reseed(self, seed: int) -> None:
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.seed = seed  # the generator is reseeded by every _position
 
     def _position(self, epoch: int) -> None:
         if hasattr(self.loader.sampler, "set_epoch"):
@@ -223,7 +263,7 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
     size = (cfg.img_size, cfg.img_size)
     crop_flip, centre_crop = _decoder_classes()
     if train:
-        decoder = crop_flip(size, tuple(cfg.scale), tuple(cfg.ratio), seed=cfg.seed,
+        decoder = crop_flip(size, tuple(cfg.scale), tuple(cfg.ratio),
                             interpolation=cfg.interpolation)
     else:
         decoder = centre_crop(size, ratio=cfg.val_ratio, interpolation=cfg.interpolation)
@@ -238,9 +278,20 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
         drop_last=train if drop_last is None else drop_last,
         os_cache=True,
     )
+    if train:  # FFCV takes no order class (Loader's isinstance check refuses one): set it after
+        loader.traversal_order = _seeded_order_class()(loader)
+        loader.first_traversal_order = loader.next_traversal_order()
     torch.set_num_threads(threads)
     return FFCVStream(loader, cfg, loader.reader.num_samples, threads,
                       randaugment=cfg.randaugment if train else "")
+
+
+def eval_stream(path: str, img_size: int, interpolation: str, batch_size: int) -> FFCVStream:
+    """The evaluation stream of a .beton as a training run's recipe evaluates it (centre crop
+    of ``val_ratio``, ``interpolation``), on the CPU, one worker: for analyses of trained
+    models (the report's receptive fields)."""
+    return ffcv_stream(path, False, LoaderConfig(img_size=img_size, batch_size=batch_size,
+                                                 workers=1, interpolation=interpolation))
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -288,14 +339,26 @@ def torchvision_stream(records, train: bool, cfg: LoaderConfig,
     return TorchvisionStream(loader, cfg, len(dataset), torch.get_num_threads())
 
 
+META_SEED_OFFSET = 7919  # the query stream's seed is the run's plus this
+
+
 @dataclass
 class Streams:
-    """The streams of one training run and the prepared dataset's ``report.json``."""
+    """The streams of one training run and the prepared dataset's ``report.json``;
+    ``settings`` are ``build_streams``' arguments but the seed: a later run of the same process
+    with the same settings reuses the streams (``reseed``) instead of compiling new loaders."""
 
     train: DataStream
     val: DataStream
     meta: DataStream | None
     report: dict
+    settings: dict
+
+    def reseed(self, seed: int) -> None:
+        """Streams for a run seeded ``seed`` (val's order is fixed)."""
+        self.train.reseed(seed)
+        if self.meta is not None:
+            self.meta.reseed(seed + META_SEED_OFFSET)
 
 
 def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
@@ -325,7 +388,7 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
         if per_process < 2:
             raise ValueError(f"the {meta_split} split has {per_process} images per process, too "
                              "few for a query batch: raise data.meta_split or use more images")
-        meta_cfg = LoaderConfig(**{**base, "seed": seed + 7919},
+        meta_cfg = LoaderConfig(**{**base, "seed": seed + META_SEED_OFFSET},
                                 batch_size=max(2, min(batch_size, per_process)))
     if data.loader.backend == "ffcv":
         def stream(split, train, cfg, drop_last=None):
@@ -339,4 +402,9 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
     train = stream("train", True, train_cfg)
     val = stream("val", False, val_cfg)
     meta = stream(meta_split, True, meta_cfg, drop_last=True) if meta_cfg else None
-    return Streams(train, val, meta, report)
+    settings = {"data": data.model_dump(mode="json"), "img_size": img_size,
+                "batch_size": batch_size, "scale": list(scale), "world_size": world_size,
+                "device": device, "channels_last": channels_last, "meta_source": meta_source,
+                "interpolation": interpolation, "randaugment": randaugment,
+                "report": report.get("data_id")}
+    return Streams(train, val, meta, report, settings)

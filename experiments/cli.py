@@ -1,4 +1,5 @@
-"""The ``metapool`` command: ``profile``, ``data prepare``, ``train``, ``compare``, ``report``.
+"""The ``metapool`` command: ``profile``, ``data prepare``, ``train``, ``cost``, ``compare``,
+``report``.
 
 Every sub-command that reads ``params.yaml`` validates it (and its ``--set`` overrides) first;
 errors (bad parameters, missing files, a full disk, a NaN) are one line on stderr, exit code 2.
@@ -8,25 +9,58 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _profile(args: argparse.Namespace) -> None:
     import timm
 
     import metapool  # noqa: F401  (registers the models)
-    from metapool.profile import format_table, profile_model
+    from metapool.deploy import measure_latency
+    from metapool.profile import profile_model
 
-    kwargs = {"num_classes": args.num_classes}
-    if args.genotype:
-        if not args.model.startswith("metapool_"):
-            raise ValueError(f"--genotype needs a metapool_* model, not {args.model}")
-        kwargs["genotype"] = args.genotype
-    try:
-        model = timm.create_model(args.model, **kwargs)
-    except RuntimeError as exc:  # timm: unknown model name
-        raise ValueError(str(exc)) from None
-    prof = profile_model(model, args.model, args.img_size, latency=not args.no_latency)
-    print(json.dumps(prof.as_dict(), indent=2) if args.json else format_table(prof))
+    def create(name: str, genotype: str | None = None):
+        kwargs = {"num_classes": args.num_classes}
+        if genotype:
+            if not name.startswith("metapool_"):
+                raise ValueError(f"--genotype needs a metapool_* model, not {name}")
+            kwargs["genotype"] = genotype
+        try:
+            return timm.create_model(name, **kwargs).eval()
+        except RuntimeError as exc:  # timm: unknown model name
+            raise ValueError(str(exc)) from None
+
+    models = {args.reference: create(args.reference), args.model: create(args.model,
+                                                                          args.genotype)}
+    rows = {n: profile_model(m, n, args.img_size).as_dict() for n, m in models.items()}
+    latencies = [] if not args.runtime else measure_latency(
+        models, args.reference, args.runtime, args.img_size, args.threads, args.rounds)
+    if args.json:
+        print(json.dumps({"models": rows, "latency": [vars(lat) for lat in latencies]},
+                         indent=2))
+        return
+    base = rows[args.reference]
+    print(f"{'model':<40} {'params':>12} {'MACs':>14} {'enhancers':>9}")
+    for name, r in rows.items():
+        print(f"{name:<40} {r['params']:>12,} {r['macs']:>14,} {r['enhancers']:>9}"
+              f"   params x{r['params'] / base['params']:.3f}, MACs x{r['macs'] / base['macs']:.3f}")
+    if latencies:
+        print(f"\nbatch-1 latency at {args.img_size} px, {args.threads} thread(s), "
+              f"{args.rounds} rounds interleaved with {args.reference}:")
+        print(f"{'runtime':<12} {'model':<40} {'ms':>8} {'/ reference':>12} {'rounds range':>16}")
+        for lat in latencies:
+            print(f"{lat.runtime:<12} {lat.model:<40} {lat.ms:>8.2f} {lat.ratio:>11.3f}x "
+                  f"{lat.ratio_low:>7.3f}-{lat.ratio_high:.3f}")
+
+
+def _cost(args: argparse.Namespace) -> None:
+    from experiments.config import load_params
+    from experiments.cost import run_cost
+
+    params = load_params(args.params, args.set)
+    out = args.out or params.compare.out_dir
+    rows = run_cost(args.runs or params.runs_dir, out, params.cost, only=params.pipeline_runs())
+    print(f"wrote {out}/latency.csv ({len(rows)} rows)")
 
 
 # flags of `data prepare` that set a key of the data section
@@ -57,13 +91,41 @@ def _train(args: argparse.Namespace) -> None:
     from experiments.train import run_training
 
     params = load_params(args.params, args.set)
-    run = resolve_run(params, args.variant, args.seed, args.out, args.mode, args.genotype,
-                      args.checkpoints)
+    if args.pipeline_seeds:
+        if args.variant is None:
+            raise ValueError("--pipeline-seeds needs --variant")
+        seeds = params.variant_seeds(args.variant)
+    else:
+        seeds = args.seed or [0]
+    if len(seeds) > 1 and args.out:
+        raise ValueError("--out names one run's folder: give one --seed, or leave --out out "
+                         "(runs go to runs_dir/VARIANT/seedS)")
+    runs = [resolve_run(params, args.variant, seed, args.out, args.mode, args.genotype,
+                        str(Path(args.checkpoints) / f"seed{seed}") if args.checkpoints and (
+                            len(seeds) > 1 or args.pipeline_seeds) else args.checkpoints)
+            for seed in seeds]
     relaunch_with_torchrun(params, sys.argv[1:])  # returns only when no torchrun is needed
-    metrics = run_training(run)
-    if metrics:
-        print(f"{run.variant} seed {run.seed}: top-1 {metrics['top1']:.2f}% "
-              f"top-5 {metrics['top5']:.2f}% -> {run.out}/metrics.json")
+    results = run_training(runs)
+    for run, metrics in zip(runs, results, strict=True):
+        if metrics:
+            print(f"{run.variant} seed {run.seed}: top-1 {metrics['top1']:.2f}% "
+                  f"top-5 {metrics['top5']:.2f}% -> {run.out}/metrics.json")
+    if args.pipeline_seeds and any(results):
+        summary = write_variant_summary(Path(params.runs_dir), runs[0].variant, results)
+        print(f"wrote {summary}")
+
+
+def write_variant_summary(runs_dir: Path, variant: str, results: list[dict]) -> Path:
+    """``runs_dir/VARIANT.json``: each seed's headline metrics, the DVC metrics file of a
+    training stage (``dvc exp show`` columns ``seedK.top1`` ...)."""
+    from metapool.io import atomic_write_text
+
+    keys = ("top1", "top5", "val_loss", "train_seconds", "train_images_per_s", "params",
+            "macs_224")
+    summary = {f"seed{m['seed']}": {k: m[k] for k in keys} for m in results}
+    path = runs_dir / f"{variant}.json"
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    return path
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -73,7 +135,7 @@ def _compare(args: argparse.Namespace) -> None:
     params = load_params(args.params, args.set)
     out = args.out or params.compare.out_dir
     result = run_compare(args.runs or params.runs_dir, out, params.compare,
-                         only=params.pipeline_runs())
+                         only=params.pipeline_runs(), latency_csv=Path(out) / "latency.csv")
     if result["ignored_runs"]:
         print(f"left out {len(result['ignored_runs'])} finished runs this configuration does not "
               f"train (an earlier configuration's): {', '.join(result['ignored_runs'])}")
@@ -88,7 +150,8 @@ def _report(args: argparse.Namespace) -> None:
     from experiments.report import render_report
 
     params = load_params(args.params, args.set)
-    html = render_report(params, args.results or params.compare.out_dir, args.out)
+    html = render_report(params, args.results or params.compare.out_dir, args.out,
+                         params_path=args.params)
     print(f"wrote {html}")
 
 
@@ -103,14 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progressive Meta-Pooling Learning: reproduction and ablation suite.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("profile", help="parameters, MACs, enhancers and CPU latency of a model")
-    p.add_argument("model", help="timm model name, e.g. mobilenetv2_100 or metapool_mobilenetv2_100")
+    p = sub.add_parser("profile", help="parameters, MACs and deployed latency of a model beside "
+                                       "a reference, on the runtimes asked for")
+    p.add_argument("model", help="timm model name, e.g. metapool_published_mobilenetv2_100")
     p.add_argument("--genotype", help="genotype JSON: build the fixed (adapted) model")
+    p.add_argument("--reference", default="mobilenetv2_100",
+                   help="the model every ratio is to (default: mobilenetv2_100)")
+    p.add_argument("--runtime", action="append", choices=["eager", "inductor", "onnxruntime"],
+                   help="time batch-1 inference on this runtime (repeatable; none: no timing)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per runtime")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_profile)
+
+    k = sub.add_parser("cost", help="deployed latency of every trained architecture, per "
+                                    "runtime, interleaved with its baseline -> results/latency.csv")
+    k.add_argument("--params", default="params.yaml")
+    k.add_argument("--runs", help="runs folder (default: params runs_dir)")
+    k.add_argument("--out", help="output folder (default: compare.out_dir)")
+    _add_set(k)
+    k.set_defaults(func=_cost)
 
     data = sub.add_parser("data", help="prepare datasets (ImageNet subsets, the default, .beton)")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -141,9 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=["baseline", "pmpl", "retrain", "fixed", "attention"],
                    help="without --variant: train this mode with the params' defaults")
     t.add_argument("--genotype", help="retrain mode: the genotype JSON to train")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", help="output folder (default: runs/VARIANT/seedS)")
-    t.add_argument("--checkpoints", help="checkpoint folder (default: OUT/checkpoints)")
+    t.add_argument("--seed", type=int, nargs="+", help="seed(s), trained one after the other in "
+                   "this process (default: 0)")
+    t.add_argument("--pipeline-seeds", action="store_true",
+                   help="train the seeds the DVC pipeline trains --variant at (control_seeds for "
+                        "the controls group, seeds otherwise) and write runs_dir/VARIANT.json")
+    t.add_argument("--out", help="output folder of one run (default: runs/VARIANT/seedS)")
+    t.add_argument("--checkpoints", help="checkpoint folder (default: OUT/checkpoints); with "
+                                         "several seeds, the parent of one seedS folder each")
     _add_set(t)
     t.set_defaults(func=_train)
 

@@ -201,9 +201,16 @@ def reference_baselines(runs: dict[str, dict[int, dict]],
     baselines = {}
     for v, seeds in sorted(runs.items(), reverse=True):  # "baseline" before "baseline-x"
         m = next(iter(seeds.values()))
-        if m["mode"] == "baseline" and v not in controls:
+        if is_plain_baseline(m) and v not in controls:
             baselines[(m["backbone"], m.get("recipe"))] = v
     return baselines
+
+
+def is_plain_baseline(metrics: dict) -> bool:
+    """A run of the plain backbone: baseline mode without the published model's gates or head
+    (those are variants measured against it)."""
+    return (metrics["mode"] == "baseline" and metrics.get("head", "plain") == "plain"
+            and not metrics.get("output_gates", False))
 
 
 def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]],
@@ -215,7 +222,7 @@ def default_pairs(runs: dict[str, dict[int, dict]], extra: list[list[str]],
     for v, seeds in sorted(runs.items()):
         m = next(iter(seeds.values()))
         base = baselines.get((m["backbone"], m.get("recipe")))
-        if m["mode"] != "baseline" and base and v not in controls:
+        if not is_plain_baseline(m) and base and v not in controls:
             pairs.append((v, base))
     pairs += [(a, b) for a, b in extra if a in runs and b in runs and (a, b) not in pairs]
     return pairs
@@ -278,7 +285,7 @@ def noise(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> dict:
         if len(diff) > 1:
             out.update(source=f"{a} - {b}, {len(diff)} seeds", sd_diff=float(np.std(diff, ddof=1)))
     baselines = [v for v, seeds in runs.items()
-                 if next(iter(seeds.values()))["mode"] == "baseline" and len(seeds) > 1]
+                 if is_plain_baseline(next(iter(seeds.values()))) and len(seeds) > 1]
     if out["source"] is None and baselines:
         v = max(baselines, key=lambda name: len(runs[name]))
         vals = [m["top1"] for m in runs[v].values()]
@@ -296,7 +303,8 @@ def noise(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> dict:
 
 
 def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
-                cfg: CompareSettings = CompareSettings()) -> dict:
+                cfg: CompareSettings = CompareSettings(),
+                latency: list[dict] | None = None) -> dict:
     variants = {v: summarize(seeds, cfg) for v, seeds in runs.items()}
     control_runs = tuple(a for a, _, _ in cfg.controls)
     comparisons = []
@@ -311,7 +319,7 @@ def compare_all(runs: dict[str, dict[int, dict]], extra_pairs: list[list[str]],
     n_ablation = max((len(c["paired_seeds"]) for c in comparisons), default=0)
     return {"variants": variants, "comparisons": comparisons,
             "paper_gap": paper_gap(runs, variants, cfg),
-            "cost": cost_table(runs, control_runs),
+            "cost": cost_table(runs, control_runs, latency),
             "controls": controls(runs, cfg), "noise": seed_noise,
             "power": {str(n): power(seed_noise["sd_diff"], PAPER_CLAIMS["gain"], n, cfg)
                       for n in sorted({n_ablation, cfg.min_seeds} - {0})},
@@ -325,52 +333,100 @@ def _context(runs: dict[str, dict[int, dict]]) -> dict:
     return {k: any_run.get(k) for k in ("dataset", "recipe", "img_size", "epochs")}
 
 
+def seeds_text(seeds: list[int]) -> str:
+    """``seed 0`` / ``seeds 0, 1, 2``."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
+
+
+# (claim, variant, paper's figure, baseline the variant's gain is taken against)
+GAP_CLAIMS = [
+    ("MobileNetV2 + Meta-Pooling (the searched model), top-1", "pmpl", "pmpl_top1"),
+    ("the authors' published mp_mobilenet_v2, top-1", "published", "pmpl_top1"),
+]
+
+
 def paper_gap(runs: dict[str, dict[int, dict]], variants: dict,
               cfg: CompareSettings = CompareSettings()) -> list[dict]:
-    """The paper's claims next to what this run measured, labelled with the setting."""
+    """The paper's claims next to what this run measured, labelled with the setting. Each
+    model's top-1, the baseline's and the gain beside them come from the same paired seeds
+    (``seeds``): the gain is exactly the difference of the two figures shown."""
     ctx = _context(runs)
     label = (f"dataset={ctx['dataset']}, recipe={ctx['recipe']}, {ctx['img_size']}px, "
              f"{ctx['epochs']} epochs")
     rows = []
-    for claim, variant, paper in (("MobileNetV2 + Meta-Pooling, top-1", "pmpl", PAPER_CLAIMS["pmpl_top1"]),
-                                  ("MobileNetV2 baseline, top-1", "baseline", PAPER_CLAIMS["baseline_top1"])):
-        if variant in variants:
-            v = variants[variant]
-            rows.append({"claim": claim, "paper": paper, "measured": v["top1"]["mean"],
-                         "ci": v["top1"]["ci"], "seeds": v["n"], "setting": label})
-    if "pmpl" in runs and "baseline" in runs:
-        c = compare_pair(runs["pmpl"], runs["baseline"], cfg)
-        rows.append({"claim": "gain of Meta-Pooling over MobileNetV2 (points)",
-                     "paper": PAPER_CLAIMS["gain"], "measured": c["diff_top1"], "ci": c["diff_ci"],
-                     "seeds": len(c["paired_seeds"]), "setting": label})
+    base = reference_baselines(runs).get(("mobilenetv2_100", ctx.get("recipe")))
+    for claim, variant, paper in GAP_CLAIMS:
+        if variant not in runs or base is None:
+            continue
+        paired = sorted(set(runs[variant]) & set(runs[base]))
+        if not paired:
+            continue
+        a = np.array([runs[variant][s]["top1"] for s in paired])
+        b = np.array([runs[base][s]["top1"] for s in paired])
+        c = compare_pair({s: runs[variant][s] for s in paired}, {s: runs[base][s] for s in paired},
+                         cfg)
+        seeds, kind = seeds_text(paired), interval_kind(len(paired), cfg)
+        rows += [{"claim": claim, "paper": PAPER_CLAIMS[paper], "measured": float(a.mean()),
+                  "ci": interval(a, cfg), "interval_kind": kind, "seeds": seeds,
+                  "setting": label},
+                 {"claim": f"MobileNetV2 baseline, top-1 (the seeds of {variant})",
+                  "paper": PAPER_CLAIMS["baseline_top1"], "measured": float(b.mean()),
+                  "ci": interval(b, cfg), "interval_kind": kind, "seeds": seeds,
+                  "setting": label},
+                 {"claim": f"gain of {variant} over MobileNetV2 (points)",
+                  "paper": PAPER_CLAIMS["gain"], "measured": float(a.mean() - b.mean()),
+                  "ci": c["diff_ci"], "interval_kind": kind, "seeds": seeds,
+                  "setting": label}]
     for r in rows:
         r["note"] = ("paper: ImageNet-1k, 224px, its own recipe; measured: " + label +
                      ("" if ctx["dataset"] == "imagenet" else " - NOT comparable in absolute terms"))
     return rows
 
 
-def cost_table(runs: dict[str, dict[int, dict]], controls: tuple[str, ...] = ()) -> list[dict]:
-    """Params, MACs, latency, training time and throughput per variant (means over seeds), and
-    latency and training time relative to the reference baseline of the same backbone and
-    recipe (``reference_baselines``). Latency: batch 1, 224 px, CPU, the deployed model
-    (BatchNorm folded, channels_last: metapool.profile)."""
+def cost_table(runs: dict[str, dict[int, dict]], controls: tuple[str, ...] = (),
+               latency: list[dict] | None = None) -> list[dict]:
+    """Params, MACs, training time and throughput per variant (means over seeds), training time
+    relative to the reference baseline of the same backbone and recipe (``reference_baselines``;
+    a two-stage run's time includes the search that found its genotype), and deployed latency
+    per runtime from ``metapool cost``'s rows (``latency``: results/latency.csv): the
+    architecture's median ms and its ratio to the baseline on the same runtime, measured
+    interleaved, with the rounds' range (a variant whose seeds have different architectures:
+    the mean over them, the range over all their rounds)."""
     rows = {}
     for v, seeds in runs.items():
         ms = list(seeds.values())
+        seconds = []
+        for seed, m in seeds.items():
+            source = runs.get(m.get("genotype_from") or "", {}).get(seed)
+            seconds.append(m["train_seconds"] + (source["train_seconds"] if source else 0.0))
         rows[v] = {"variant": v, "mode": ms[0]["mode"], "backbone": ms[0]["backbone"],
+                   "seeds": len(ms),
                    "params": int(np.mean([m["params"] for m in ms])),
                    "macs_224": int(np.mean([m["macs_224"] for m in ms])),
-                   "cpu_latency_ms_224": float(np.mean([m["cpu_latency_ms_224"] for m in ms])),
-                   "train_seconds": float(np.mean([m["train_seconds"] for m in ms])),
+                   "train_seconds": float(np.mean(seconds)),
                    "train_images_per_s": float(np.mean([m["train_images_per_s"] for m in ms]))}
     baselines = reference_baselines(runs, controls)
     for v, row in rows.items():
         m = next(iter(runs[v].values()))
         base = rows.get(baselines.get((m["backbone"], m.get("recipe")), ""))
-        row["latency_vs_baseline"] = (row["cpu_latency_ms_224"] / base["cpu_latency_ms_224"]
-                                      if base else math.nan)
         row["train_time_vs_baseline"] = (row["train_seconds"] / base["train_seconds"]
                                          if base else math.nan)
+    for lat in latency or []:
+        row = rows.get(lat["variant"])
+        if row is None:
+            continue
+        rt = lat["runtime"]
+        row.setdefault(f"_{rt}", []).append(lat)
+    for row in rows.values():
+        for key in [k for k in row if k.startswith("_")]:
+            rt, lats = key[1:], row.pop(key)
+            row[f"latency_ms_{rt}"] = float(np.mean([float(x["latency_ms"]) for x in lats]))
+            row[f"latency_vs_baseline_{rt}"] = float(np.mean([float(x["vs_baseline"])
+                                                              for x in lats]))
+            row[f"latency_vs_baseline_{rt}_low"] = min(float(x["vs_baseline_low"]) for x in lats)
+            row[f"latency_vs_baseline_{rt}_high"] = max(float(x["vs_baseline_high"])
+                                                        for x in lats)
+            row["latency_threads"] = int(lats[0]["threads"])
     return list(rows.values())
 
 
@@ -418,18 +474,25 @@ def write_results(result: dict, out_dir: str | Path) -> None:
     atomic_write_csv(out / "variants.csv", _flat_variants(result))
     atomic_write_csv(out / "comparisons.csv", _flat_comparisons(result))
     atomic_write_csv(out / "paper_gap.csv", [{**r, "ci": json.dumps(r["ci"])} for r in result["paper_gap"]])
-    atomic_write_csv(out / "cost.csv", result["cost"])
+    columns = list(dict.fromkeys(k for row in result["cost"] for k in row))
+    atomic_write_csv(out / "cost.csv", result["cost"], columns)
 
 
 def run_compare(runs_dir: str | Path, out_dir: str | Path, cfg: CompareSettings,
-                only: Collection[str] | None = None) -> dict:
+                only: Collection[str] | None = None, latency_csv: str | Path | None = None
+                ) -> dict:
     """Compare the finished runs under ``runs_dir`` (those named in ``only``, when given: the
     pipeline's, ``Params.pipeline_runs``); write ``compare.json`` and the CSVs. ``compare.json``
-    lists the runs used and those left out."""
+    lists the runs used and those left out. ``latency_csv``: ``metapool cost``'s table (absent:
+    no latency columns)."""
     runs = load_runs(runs_dir, only)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
-    result = compare_all(runs, [list(p) for p in cfg.extra_pairs], cfg)
+    latency = None
+    if latency_csv is not None and Path(latency_csv).is_file():
+        with Path(latency_csv).open() as fh:
+            latency = list(csv.DictReader(fh))
+    result = compare_all(runs, [list(p) for p in cfg.extra_pairs], cfg, latency)
     found = [run_name(r) for r in finished_runs(runs_dir)]
     wanted = set(found if only is None else only)
     result["runs"] = [r for r in found if r in wanted]

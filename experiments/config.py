@@ -32,7 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from data_pipelines.config import DataConfig
 from metapool.genotype import Genotype
-from metapool.models import ATTENTIONS, BACKBONES
+from metapool.models import ATTENTIONS, BACKBONES, HEADS
 from metapool.ops import DEFAULT_CANDIDATES
 from metapool.pmpl import PMPLConfig, PMPLSettings
 
@@ -99,9 +99,13 @@ class Recipe(_Section):
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resizes, train and eval
     reprob: float = Field(0.0, ge=0, le=1)  # random erasing (pixel mode, after normalising)
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    # the published head's dropout; None: 0.2, what the authors' model ran whatever --drop said
+    head_drop_rate: float | None = Field(None, ge=0, lt=1)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    amp: bool = True  # bf16 autocast on GPUs (CPU runs are float32 either way)
+    amp: bool = True  # autocast on GPUs (CPU runs are float32 either way)
+    # float16 adds a gradient scaler (timm's --amp); bfloat16 needs none
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     scale: tuple[float, float] = (0.08, 1.0)
     clip_grad: float = Field(0.0, ge=0)  # max gradient norm; 0: no clipping
     # PMPL's search schedule under this recipe
@@ -135,6 +139,8 @@ class Recipe(_Section):
 class ModelParams(_Section):
     backbone: Backbone = "mobilenetv2_100"
     width: float = Field(1.0, gt=0)
+    # 1: MobileNetV2's stem at stride 1, every feature map twice as large (the geometry run)
+    stem_stride: int = Field(2, ge=1, le=2)
 
 
 class TrainParams(_Section):
@@ -173,6 +179,11 @@ class Variant(_Section):
     fixed_op: Literal[DEFAULT_CANDIDATES] | None = None
     attention: Literal[ATTENTIONS] | None = None
     genotype_from: str | None = None
+    # at least this many seeds: the group's, extended by the next unused integers
+    min_seeds: int = Field(1, ge=1)
+    # parts of the authors' published model (METHOD.md 4b), MobileNetV2 only
+    head: Literal[HEADS] = "plain"
+    output_gates: bool = False
     pmpl: dict[str, Any] = Field(default_factory=dict)
     # keys of the active recipe this variant changes (e.g. the positive control's epochs)
     recipe: dict[str, Any] = Field(default_factory=dict)
@@ -206,6 +217,18 @@ class CompareSettings(_Section):
     seed: int = 0  # of the bootstrap resampling
 
 
+class CostSettings(_Section):
+    """Deployed latency (``metapool cost``, metapool.deploy): batch 1, interleaved with the
+    baseline on each runtime."""
+
+    runtimes: list[Literal["eager", "inductor", "onnxruntime"]] = Field(
+        default_factory=lambda: ["eager", "onnxruntime"], min_length=1)
+    threads: int = Field(1, ge=1)
+    img_size: int = Field(224, ge=16)
+    rounds: int = Field(15, ge=3)  # interleaved rounds per (model, runtime)
+    calls: int = Field(5, ge=1)    # calls per block of a round (its median is the block's time)
+
+
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
@@ -225,6 +248,7 @@ class Params(_Section):
     # DVC's matrix lists (names of variants per stage group)
     stages: dict[str, list[str]] = Field(default_factory=dict)
     compare: CompareSettings = Field(default_factory=CompareSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
     runs_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -246,8 +270,12 @@ class Params(_Section):
             raise _invalid(f"control_seeds has {len(self.control_seeds)} seeds, fewer than "
                            f"compare.min_seeds={self.compare.min_seeds}: the controls could "
                            "never reach a verdict; list more seeds")
-        for name in self.variants:
+        for name, v in self.variants.items():
             self.variant_recipe(name)
+            backbone = v.backbone or self.model.backbone
+            if (v.head != "plain" or v.output_gates) and backbone != "mobilenetv2_100":
+                raise _invalid(f"variants.{name}: head/output_gates (the published model's "
+                               f"parts) need backbone mobilenetv2_100, not {backbone}")
         for group, names in self.stages.items():
             for name in names:
                 if name not in self.variants:
@@ -265,8 +293,21 @@ class Params(_Section):
         ``stages`` lists no groups (then every run found is taken)."""
         if not self.stages:
             return None
-        return {f"{name}/seed{seed}" for group, names in self.stages.items() for name in names
-                for seed in (self.control_seeds if group == "controls" else self.seeds)}
+        return {f"{name}/seed{seed}" for names in self.stages.values() for name in names
+                for seed in self.variant_seeds(name)}
+
+    def variant_seeds(self, name: str) -> list[int]:
+        """The seeds the pipeline trains variant ``name`` at: ``control_seeds`` in the
+        ``controls`` group, ``seeds`` otherwise, extended by the next unused integers to the
+        variant's ``min_seeds``."""
+        seeds = list(self.control_seeds if name in self.stages.get("controls", []) else self.seeds)
+        need = self.variants[name].min_seeds if name in self.variants else 1
+        candidate = 0
+        while len(seeds) < need:
+            if candidate not in seeds:
+                seeds.append(candidate)
+            candidate += 1
+        return seeds
 
     def variant_recipe(self, name: str) -> Recipe:
         """The active recipe with variant ``name``'s overrides applied (validated)."""
@@ -413,6 +454,7 @@ class RunConfig(BaseModel):
     # metapool.models.build_model's arguments but num_classes (known from the prepared data)
     model_args: dict[str, Any]
     pmpl: PMPLConfig | None  # PMPL runs only: the settings plus the recipe's schedule
+    genotype_from: str | None = None  # retrain runs: the PMPL variant that found the genotype
     data: DataConfig
     train: TrainParams
 
@@ -456,6 +498,12 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
     args: dict[str, Any] = {"backbone": v.backbone or params.model.backbone,
                             "enhancer": MODE_ENHANCER[v.mode], "width": params.model.width,
                             "drop_rate": recipe.drop_rate, "drop_path_rate": recipe.drop_path_rate}
+    if params.model.stem_stride != 2:
+        args["stem_stride"] = params.model.stem_stride
+    if v.output_gates:
+        args["output_gates"] = True
+    if v.head != "plain":
+        args.update(head=v.head, head_drop_rate=recipe.head_drop_rate)
     if v.mode == "pmpl":
         args.update(candidates=settings.candidates, split_ratio=settings.split_ratio)
     elif v.mode == "fixed":
@@ -476,4 +524,5 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
     return RunConfig(variant=variant, mode=v.mode, seed=seed, seed_offset=v.seed_offset, out=out,
                      checkpoints=checkpoints or str(Path(out) / "checkpoints"),
                      recipe_name=params.recipe, recipe=recipe, model_args=args, pmpl=pmpl,
+                     genotype_from=v.genotype_from if v.mode == "retrain" else None,
                      data=params.data, train=params.train)

@@ -65,6 +65,15 @@ class Dist:
             dist.barrier()
 
 
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (for a local torchrun)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class StopSignal:
     """While it lives, SIGTERM/SIGINT only set ``signum``: the training loop then saves a
     checkpoint and exits cleanly (``restore`` puts the old handlers back)."""

@@ -1,10 +1,17 @@
 """``metapool report``: execute ``reports/report.ipynb`` with papermill and export it to HTML.
 
 The notebook stays thin: it calls the loaders below, which read only pipeline outputs.
+
+One formatting rule for every table (the views format numbers into strings, the Styler adds
+none): accuracies and their differences in points to 2 decimals (a 400-image val set moves in
+steps of 0.25, a mean over seeds needs the second), ratios to 2 decimals with an ``x``,
+latency in ms to 1 decimal, parameters in millions to 2, MACs in millions to 1, and counts,
+seeds and pixels as integers.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -12,86 +19,105 @@ import pandas as pd
 import torch
 
 from experiments.compare import finished_runs, run_name
-from metapool.models import build_model
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "reports" / "report.ipynb"
 
 
-# The `paper` recipe against the authors' launch script (run_meta_rf.sh, METHOD.md section 4):
-# knob -> (what the script said, whether the code ran it as written)
-PAPER_SCRIPT = {
-    "epochs": ("--epochs 250", True),
-    "batch_size": ("4 GPUs x -b 64 = 256", True),
-    "img_size": ("224 (timm's default for the model)", True),
-    "momentum": ("unused by LAMB", True),
-    "decay_rate": ("unused by cosine", True),
-    "decay_epochs": ("unused by cosine", True),
-    "mixup": ("no --mixup (off; also off during the search)", True),
-    "cutmix": ("no --cutmix", True),
-    "scale": ("timm's default 0.08-1.0", True),
-    "seed_base": ("--seed 666", True),
-    "opt": ("--opt lamb", True),
-    "opt_eps": ("--opt-eps 1e-6", True),
-    "lr": ("--lr 5e-3 (for batch 2048; 6.25e-4 at 256)", True),
-    "lr_base_batch": ("linear scaling", True),
-    "weight_decay": ("--weight-decay 0.1", True),
-    "sched": ("--sched cosine", True),
-    "sched_on_updates": ("timm of 2022: lr stepped per epoch", True),
-    "warmup_epochs": ("--warmup-epochs 5", True),
-    "warmup_lr": ("--warmup-lr 1e-6", True),
-    "min_lr": ("--min-lr 1e-5", True),
-    "lr_noise": ("--lr-noise 0.42 0.9", True),
-    "label_smoothing": ("not set: timm's default 0.1", True),
-    "randaugment": ("--aa rand-m9-mstd0.5", True),
-    "interpolation": ("--train-interpolation bicubic", True),
-    "reprob": ("--reprob 0.2 --remode pixel", True),
-    "drop_rate": ("--drop 0.1", True),
-    "drop_path_rate": ("--drop-path 0.08: ignored by the model builder", False),
-    "ema_decay": ("no --model-ema", True),
-    "amp": ("--amp: not applied in the meta trainer's step (float32)", False),
-    "clip_grad": ("norm 5 in the meta trainer's step", True),
-    "deadline_epoch": ("layers fixed at epoch 50 of 250", True),
-    "alpha_lr": ("Adam 3e-4, betas (0.5, 0.999), wd 1e-3", True),
-}
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def recipe_card(name: str, values: dict) -> pd.DataFrame:
-    """Every knob of the recipe that produced the runs; for ``paper`` also what the launch
-    script said and whether the authors' code ran it as written."""
+def pct(x) -> str:
+    """An accuracy in percent, 2 decimals."""
+    return "-" if _missing(x) else f"{x:.2f}"
+
+
+def points(x) -> str:
+    """A signed difference in points, 2 decimals."""
+    return "-" if _missing(x) else f"{x:+.2f}"
+
+
+def ratio(x) -> str:
+    """A ratio, 2 decimals, with its x."""
+    return "-" if _missing(x) else f"{x:.2f}x"
+
+
+def recipe_notes(params_text: str, recipe: str) -> dict[str, str]:
+    """The comments of ``params.yaml`` on each knob of ``recipes.<recipe>`` (the inline comment,
+    after the comment lines just above it): the one record of what the authors' scripts said
+    and ran ("as written" / "as ran", METHOD.md sections 4 and 4b)."""
+    notes: dict[str, str] = {}
+    inside, pending = False, []
+    for line in params_text.splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if not inside:
+            inside = indent == 2 and stripped == f"{recipe}:"
+            continue
+        if not stripped:
+            continue
+        if indent <= 2 and not stripped.startswith("#"):
+            break
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+            continue
+        key, _, rest = stripped.partition(":")
+        inline = rest.partition(" #")[2].strip() if " #" in rest else ""
+        notes[key] = " ".join([*pending, inline]).strip()
+        pending = []
+    return notes
+
+
+def recipe_card(name: str, values: dict, notes: dict[str, str] | None = None,
+                device_type: str | None = None) -> pd.DataFrame:
+    """Every knob of the recipe that produced the runs, its value as written in params.yaml
+    (5e-3 must not print as 0.01), the comment params.yaml gives it (for the authors' recipes:
+    what their script said and whether it ran so), and, on a CPU run, what did nothing there."""
+    cpu_only = {"amp": "no effect on the CPU: these runs computed in float32",
+                "amp_dtype": "no effect on the CPU: these runs computed in float32"}
     rows = []
     for knob, value in values.items():
-        row = {"knob": knob, "value": str(value)}  # as written: 5e-3 must not print as 0.01
-        if name == "paper":
-            script, ran = PAPER_SCRIPT.get(knob, ("-", None))
-            row.update({"launch script": script,
-                        "ran as written": {True: "yes", False: "no", None: "-"}[ran]})
-        rows.append(row)
+        shown = "none" if value in ("", None) and knob in ("randaugment", "head_drop_rate",
+                                                            "lr_noise", "opt_eps") else str(value)
+        note = (notes or {}).get(knob, "")
+        if device_type == "cpu" and knob in cpu_only:
+            note = "; ".join(filter(None, [note, cpu_only[knob]]))
+        rows.append({"knob": knob, "value": shown, "note (params.yaml)": note or "-"})
     return pd.DataFrame(rows)
 
 
-# cost.csv's columns, as the report names them
-COST_COLUMNS = {
-    "variant": "variant",
-    "params": "parameters (M)",
-    "macs_224": "MACs at 224 px (M)",
-    "cpu_latency_ms_224": "CPU latency, batch 1, 224 px (ms)",
-    "latency_vs_baseline": "latency / baseline",
-    "train_images_per_s": "training images/s",
-    "train_time_vs_baseline": "training time / baseline",
-}
+RUNTIME_NAMES = {"eager": "PyTorch eager", "inductor": "torch.compile (inductor)",
+                 "onnxruntime": "ONNX Runtime"}
 
 
 def cost_view(cost: pd.DataFrame) -> pd.DataFrame:
-    """``cost.csv`` for a reader: what each variant costs in parameters and MACs, and in time
-    (deployed latency, training throughput), side by side, rounded, columns in words."""
-    view = cost[list(COST_COLUMNS)].copy()
-    view["params"] = (view["params"] / 1e6).round(3)
-    view["macs_224"] = (view["macs_224"] / 1e6).round(1)
-    view["cpu_latency_ms_224"] = view["cpu_latency_ms_224"].round(2)
-    view["train_images_per_s"] = view["train_images_per_s"].round(0).astype(int)
-    for col in ("latency_vs_baseline", "train_time_vs_baseline"):
-        view[col] = view[col].map(lambda r: "-" if pd.isna(r) else f"{r:.2f}x")
-    return view.rename(columns=COST_COLUMNS).set_index("variant")
+    """``cost.csv`` for a reader: parameters and MACs, deployed latency on every runtime that was
+    measured (median ms and the ratio to the baseline on the same runtime, with the range of
+    the interleaved rounds), training throughput and time, in words and the report's units."""
+    rows = []
+    runtimes = [rt for rt in RUNTIME_NAMES if f"latency_ms_{rt}" in cost]
+    for _, r in cost.iterrows():
+        row = {"variant": r["variant"], "parameters (M)": f"{r['params'] / 1e6:.2f}",
+               "MACs at 224 px (M)": f"{r['macs_224'] / 1e6:.1f}"}
+        for rt in runtimes:
+            name = RUNTIME_NAMES[rt]
+            ms, rel = r.get(f"latency_ms_{rt}"), r.get(f"latency_vs_baseline_{rt}")
+            row[f"{name} (ms)"] = "-" if _missing(ms) else f"{ms:.1f}"
+            row[f"{name} / baseline"] = "-" if _missing(rel) else (
+                f"{rel:.2f}x [{r[f'latency_vs_baseline_{rt}_low']:.2f}-"
+                f"{r[f'latency_vs_baseline_{rt}_high']:.2f}]")
+        row["training images/s"] = f"{r['train_images_per_s']:.0f}"
+        row["training time / baseline"] = ratio(r["train_time_vs_baseline"])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def cost_caption(cost: pd.DataFrame, label: str) -> str:
+    threads = cost["latency_threads"].dropna() if "latency_threads" in cost else pd.Series([])
+    timed = (f"deployed latency batch 1 at 224 px, {int(threads.iloc[0])} thread(s), each model "
+             "interleaved with its baseline on the same runtime, median of the rounds [their "
+             "range]" if len(threads) else "no latency measured (the cost stage did not run)")
+    return f"What each variant costs: {timed}; trained on {label}"
 
 
 # what must agree between runs that are compared (the rest is listed, not judged)
@@ -166,34 +192,34 @@ def freeze_events(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "artifacts" / "freeze_events.csv")
 
 
-def genotype_table(runs_dir: str | Path, only: Collection[str] | None = None) -> pd.DataFrame:
-    """Chosen op(s) per layer for every PMPL run (named in ``only``, when given): columns
-    variant, seed, layer, position, ops."""
-    rows = []
+def genotype_tables(runs_dir: str | Path, only: Collection[str] | None = None
+                    ) -> dict[str, pd.DataFrame]:
+    """Chosen op(s) per layer of every PMPL run (named in ``only``, when given), one table per
+    backbone: rows are that backbone's own layer names in network order, columns
+    ``variant/seedK``, cells the op(s) and why (``margin@step``, ``deadline``)."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    order: dict[str, list[str]] = {}
     for run in pmpl_runs(runs_dir, only):
+        backbone = json.loads((run / "metrics.json").read_text()).get("backbone", "?")
         geno = json.loads((run / "artifacts" / "genotype.json").read_text())
-        for i, layer in enumerate(geno["layers"]):
-            rows.append({"variant": run.parent.name, "seed": int(run.name.removeprefix("seed")),
-                         "layer": layer["layer"], "position": i, "ops": "+".join(layer["ops"]),
-                         "reason": layer["reason"], "epoch": layer["epoch"]})
-    return pd.DataFrame(rows)
+        column = tables.setdefault(backbone, {}).setdefault(run_name(run), {})
+        for layer in geno["layers"]:
+            how = (f"margin@{layer['step']}" if layer["reason"] == "margin"
+                   else layer["reason"].replace("_", " "))
+            column[layer["layer"]] = f"{'+'.join(layer['ops'])} ({how})"
+            if layer["layer"] not in order.setdefault(backbone, []):
+                order[backbone].append(layer["layer"])
+    return {bb: pd.DataFrame(cols).reindex(order[bb]).fillna("-").rename_axis("layer")
+            for bb, cols in tables.items()}
 
 
-def load_final_model(run: Path) -> torch.nn.Module:
-    """The model a run ended with (the adapted, fixed model for PMPL), on the CPU, eval mode:
-    rebuilt from the constructor arguments saved with its weights."""
-    saved = torch.load(run / "artifacts" / "model_final.pt", map_location="cpu", weights_only=False)
-    model = build_model(**saved["model_args"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()
+def val_images(data_dir: str | Path, recipe: dict, count: int) -> torch.Tensor:
+    """``count`` normalised validation images from the prepared dataset, as the runs' recipe
+    (``recipe_values``: its img_size and interpolation) evaluates them (centre crops)."""
+    from data_pipelines.loaders import eval_stream
 
-
-def val_images(data_dir: str | Path, img_size: int, count: int) -> torch.Tensor:
-    """``count`` normalised validation images (centre crops) from the prepared dataset."""
-    from data_pipelines.loaders import LoaderConfig, ffcv_stream
-
-    stream = ffcv_stream(str(Path(data_dir) / "val.beton"), False,
-                         LoaderConfig(img_size=img_size, batch_size=count, workers=1))
+    stream = eval_stream(str(Path(data_dir) / "val.beton"), img_size=recipe["img_size"],
+                         interpolation=recipe["interpolation"], batch_size=count)
     images, _ = next(iter(stream))
     return images
 
@@ -215,8 +241,10 @@ def export_html(nb) -> str:
     return body
 
 
-def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
-    """Execute the notebook on the pipeline outputs; write report.ipynb and report.html."""
+def render_report(params, results_dir: str | Path, out_dir: str | Path,
+                  params_path: str | Path = "params.yaml") -> Path:
+    """Execute the notebook on the pipeline outputs; write report.ipynb and report.html.
+    ``params_path``: the params.yaml the runs came from (its comments annotate the recipe)."""
     import nbformat
     import papermill
 
@@ -232,7 +260,7 @@ def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
             str(NOTEBOOK), str(tmp), kernel_name="python3", progress_bar=False,
             cwd=str(Path.cwd()),
             parameters={"results_dir": str(results), "runs_dir": params.runs_dir,
-                        "data_dir": params.data.out_dir,
+                        "data_dir": params.data.out_dir, "params_path": str(params_path),
                         "img_size": params.active_recipe.img_size, "recipe_name": params.recipe,
                         "recipe_values": params.active_recipe.model_dump(mode="json")})
     atomic_write_text(out / "report.html", export_html(nbformat.read(out / "report.ipynb",
@@ -241,10 +269,29 @@ def render_report(params, results_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ tables for a reader
-# One row per claim of the paper: (claim, what the paper says, variant A, variant B)
+# One row per claim of the paper, and per part of its published model: (claim, what the paper
+# says, variant A, variant B)
 CLAIMS = [
-    ("Meta-Pooling beats MobileNetV2 under the same recipe", "+2.3 points (74.6 vs 72.3)",
-     "pmpl", "baseline"),
+    ("Meta-Pooling (the searched model) beats MobileNetV2 under the same recipe",
+     "+2.3 points (74.6 vs 72.3)", "pmpl", "baseline"),
+    ("The authors' published model (11 gates + their head) beats MobileNetV2, same recipe",
+     "+2.3 points (74.6 vs 72.3, under different recipes)", "published", "baseline"),
+    ("Their head alone (1x1 conv 1280 -> 1280, h-swish, dropout 0.2)", "(not in the paper)",
+     "published-head", "baseline"),
+    ("Their 11 output gates alone", "(not in the paper)", "published-gates", "baseline"),
+    ("What the gates add on top of the head", "(not in the paper)", "published",
+     "published-head"),
+    ("The searched model against the published one", "the paper reports one number for both",
+     "pmpl", "published"),
+    ("Where the gate sits: after the projection (published) vs the enhancer slot (attn-coord)",
+     "(not in the paper)", "published-gates", "attn-coord"),
+    ("The searched model with the authors' head", "(not in the paper)", "pmpl-head", "pmpl"),
+    ("The enhancer's tail alone (BN + h-swish, no pooling)", "(not in the paper)",
+     "fixed-skip", "baseline"),
+    ("Max pooling on top of the tail", "pooling enlarges the receptive field",
+     "fixed-max3", "fixed-skip"),
+    ("The search against its permuted-label control", "(not in the paper)",
+     "pmpl", "pmpl-permuted"),
     ("Pooling beats attention at similar cost (SE)", "PMPL above SE", "pmpl", "attn-se"),
     ("Pooling beats attention at similar cost (coordinate attention)", "PMPL above CA",
      "pmpl", "attn-coord"),
@@ -273,12 +320,13 @@ def setting(result: dict) -> str:
             f"recipe {ctx.get('recipe')}")
 
 
-def _interval(lo, hi, kind: str, digits: int = 1, signed: bool = True) -> str:
-    """``kind [lo, hi]``; ``signed`` (differences) shows the signs unless a range is all >= 0."""
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+def _interval(lo, hi, kind: str, signed: bool = True) -> str:
+    """``kind [lo, hi]`` in points (2 decimals); ``signed`` (differences) shows the signs
+    unless a range is all >= 0."""
+    if _missing(lo) or _missing(hi):
         return "-"
     sign = "+" if signed and (kind != "range" or lo < 0) else ""
-    return f"{kind} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+    return f"{kind} [{lo:{sign}.2f}, {hi:{sign}.2f}]"
 
 
 def _comparison(result: dict, a: str, b: str) -> tuple[dict | None, int]:
@@ -307,32 +355,92 @@ def verdict_words(c: dict, sign: int, min_seeds: int) -> str:
 
 
 def summary_table(result: dict) -> pd.DataFrame:
-    """One row per claim of the paper: what the suite measured, where, with how many seeds,
-    the interval (labelled with its kind) and the verdict in words."""
+    """One row per claim of the paper (and part of its published model): what the suite
+    measured, where, on which seeds, the interval (labelled with its kind) and the verdict in
+    words."""
+    from experiments.compare import seeds_text
+
     min_seeds = result["settings"]["min_seeds"]
     rows = []
-    base = result["variants"].get("pmpl")
-    if base:
-        kind = base["interval_kind"]
-        rows.append({"claim": "PMPL's top-1", "paper": "74.6% on ImageNet-1k",
-                     "measured": f"{base['top1']['mean']:.1f}%",
-                     "interval": _interval(*base["top1"]["ci"], kind, signed=False),
-                     "seeds": base["n"],
-                     "verdict": "not comparable in absolute terms (another dataset and scale)"
-                     if result.get("context", {}).get("dataset") != "imagenet" else "-"})
+    for variant, name in (("pmpl", "PMPL's top-1"), ("published", "the published model's top-1")):
+        v = result["variants"].get(variant)
+        if v:
+            rows.append({"claim": name, "paper": "74.6% on ImageNet-1k",
+                         "measured": f"{pct(v['top1']['mean'])}%",
+                         "interval": _interval(*v["top1"]["ci"], v["interval_kind"],
+                                               signed=False),
+                         "seeds": seeds_text(v["seeds"]),
+                         "verdict": "not comparable in absolute terms (another dataset and "
+                                    "scale)" if result.get("context", {}).get("dataset")
+                         != "imagenet" else "-"})
     for claim, paper, a, b in CLAIMS:
         c, sign = _comparison(result, a, b)
         if c is None:
             continue
         lo, hi = c["diff_ci"]
-        if sign < 0 and lo is not None and hi is not None:
+        if sign < 0 and not _missing(lo) and not _missing(hi):
             lo, hi = -hi, -lo
         rows.append({"claim": claim, "paper": paper,
-                     "measured": f"{sign * c['diff_top1']:+.1f} points ({a} - {b})",
+                     "measured": f"{points(sign * c['diff_top1'])} points ({a} - {b})",
                      "interval": _interval(lo, hi, c["interval_kind"]),
-                     "seeds": len(c["paired_seeds"]),
+                     "seeds": seeds_text(c["paired_seeds"]) if c["paired_seeds"] else "unpaired",
                      "verdict": verdict_words(c, sign, min_seeds)})
     return pd.DataFrame(rows)
+
+
+# What the paper's two numbers stand on (METHOD.md sections 4 and 4b): model and recipe
+PAPER_RECIPES = {
+    "baseline": ("72.3", "the Coordinate Attention paper's MobileNetV2 baseline: 200 epochs, "
+                         "cosine lr, no label smoothing, RandAugment, erasing or mixup"),
+    "published": ("74.6", "procedure B (recipe paper-final): 320 epochs, LAMB, label smoothing "
+                          "0.1, RandAugment m9, erasing 0.2, mixup 0.15, float16 AMP"),
+    "pmpl": ("-", "the search code's recipe (paper): 250 epochs, LAMB, RandAugment m9, erasing "
+                  "0.2, no mixup; the paper's 74.6 is very likely not this model (METHOD.md 4b)"),
+}
+
+
+def paper_card(models: list[tuple[str, str, torch.nn.Module]]) -> pd.DataFrame:
+    """What the paper compared, at 1000 classes and 224 px: (name, ``PAPER_RECIPES`` key, model
+    built at 1000 classes) for MobileNetV2 (first: the reference of the ratios), the searched
+    model and the published model, each with its parameters and MACs beside the number and the
+    recipe each figure of the paper stands on."""
+    from metapool.profile import profile_model
+
+    rows = []
+    base = None
+    for name, key, model in models:
+        prof = profile_model(model, name, 224)
+        base = base or prof
+        top1, recipe = PAPER_RECIPES.get(key, ("-", "-"))
+        rows.append({"model": name, "parameters (M)": f"{prof.params / 1e6:.2f}",
+                     "vs MobileNetV2": f"{100 * (prof.params / base.params - 1):+.0f}%",
+                     "MACs at 224 px (M)": f"{prof.macs / 1e6:.1f}",
+                     "MACs vs MobileNetV2": f"{100 * (prof.macs / base.macs - 1):+.1f}%",
+                     "paper's top-1": top1, "trained by": recipe})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def cost_line(cost: pd.DataFrame, variants: list[str]) -> str:
+    """The summary's cost row: MACs and deployed latency against the baseline, on the runtime
+    a deployment would use (ONNX Runtime when measured, else PyTorch eager)."""
+    runtime = next((rt for rt in ("onnxruntime", "eager") if f"latency_vs_baseline_{rt}" in cost),
+                   None)
+    base = cost[cost["variant"] == "baseline"]
+    if base.empty:
+        return ""
+    parts = []
+    for v in variants:
+        row = cost[cost["variant"] == v]
+        if row.empty:
+            continue
+        r = row.iloc[0]
+        text = f"`{v}` MACs {100 * (r['macs_224'] / base.iloc[0]['macs_224'] - 1):+.1f}%"
+        if runtime and not _missing(r.get(f"latency_vs_baseline_{runtime}")):
+            text += f", latency {100 * (r[f'latency_vs_baseline_{runtime}'] - 1):+.0f}%"
+        parts.append(text)
+    where = (f" on {RUNTIME_NAMES[runtime]} (batch 1, 224 px, "
+             f"{int(cost['latency_threads'].dropna().iloc[0])} thread(s))") if runtime else ""
+    return f"**Cost against the baseline{where}:** " + "; ".join(parts) + "."
 
 
 def controls_table(result: dict) -> pd.DataFrame:
@@ -375,16 +483,22 @@ def power_text(result: dict) -> str:
 
 
 def variants_view(result: dict) -> pd.DataFrame:
+    """Top-1 and top-5 of every variant over its seeds (the numbers of variants.csv at the
+    report's precision)."""
+    from experiments.compare import seeds_text
+
     rows = []
     for v, s in result["variants"].items():
-        rows.append({"variant": v, "seeds": s["n"], "top-1 (%)": round(s["top1"]["mean"], 1),
+        rows.append({"variant": v, "seeds": seeds_text(s["seeds"]),
+                     "top-1 (%)": pct(s["top1"]["mean"]),
                      "top-1 interval": _interval(*s["top1"]["ci"], s["interval_kind"],
                                                  signed=False),
-                     "top-5 (%)": round(s["top5"]["mean"], 1)})
+                     "top-5 (%)": pct(s["top5"]["mean"])})
     return pd.DataFrame(rows).set_index("variant")
 
 
 def comparisons_view(result: dict) -> pd.DataFrame:
+    """Every comparison: difference, interval, P(A > B), McNemar (Holm), verdict."""
     min_seeds = result["settings"]["min_seeds"]
     rows = []
     for c in result["comparisons"]:
@@ -392,8 +506,8 @@ def comparisons_view(result: dict) -> pd.DataFrame:
         pi = c["prob_improvement"]
         rows.append({
             "A vs B": f"{c['a']} vs {c['b']}", "seeds": n,
-            "A - B (points)": f"{c['diff_top1']:+.2f}",
-            "interval": _interval(*c["diff_ci"], c["interval_kind"], digits=2),
+            "A - B (points)": points(c["diff_top1"]),
+            "interval": _interval(*c["diff_ci"], c["interval_kind"]),
             "P(A > B)": f"{pi['p']:.2f}" if n >= min_seeds else f"{pi['p']:.2f} (no interval)",
             "McNemar p, Holm": "-" if c["mcnemar_pooled"].get("pvalue_holm") is None else
             f"{c['mcnemar_pooled']['pvalue_holm']:.2g}",
@@ -401,9 +515,28 @@ def comparisons_view(result: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("A vs B")
 
 
+def gap_view(result: dict) -> pd.DataFrame:
+    """The paper's numbers beside this run's (compare.json's paper_gap): every figure of a
+    model, its baseline and the gain from the same seeds, named in the table."""
+    rows = [{"claim": r["claim"], "paper": f"{r['paper']:.1f}",
+             "measured": points(r["measured"]) if "gain" in r["claim"] else pct(r["measured"]),
+             "interval": _interval(*r["ci"], r["interval_kind"], signed="gain" in r["claim"]),
+             "seeds": r["seeds"], "note": r["note"]} for r in result.get("paper_gap", [])]
+    return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame()
+
+
+def erf_view(rows: list[dict]) -> pd.DataFrame:
+    """Effective receptive field extents in whole pixels (they are odd square sides)."""
+    df = pd.DataFrame(rows)
+    for col in [c for c in df.columns if c.endswith("(px)")]:
+        df[col] = df[col].map(lambda v: f"{int(v)}")
+    return df.set_index(["model", "layer"])
+
+
 def styled(df: pd.DataFrame, caption: str):
-    """A table for the HTML: captioned, numbers rounded, long text wrapped, no index clutter."""
-    sty = df.style.set_caption(caption).format(precision=2, na_rep="-")
+    """A table for the HTML: captioned, long text wrapped. Numbers come formatted by the views
+    (the module's formatting rule): the Styler rounds nothing."""
+    sty = df.style.set_caption(caption).format(na_rep="-")
     return sty.set_table_styles([
         {"selector": "caption", "props": "caption-side: top; text-align: left; "
                                          "font-weight: bold; padding: 4px 0;"},

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.loaders import build_streams
+from data_pipelines.loaders import Streams, build_streams
 from experiments.checkpoint import Checkpoints
 from experiments.config import RunConfig
 from experiments.distributed import Dist, StopSignal, cleanup, cpu_threads, init_distributed
@@ -35,16 +35,27 @@ from metapool.models import build_model, copy_freezes, enhancers, export_fixed
 from metapool.pmpl import ProgressiveMetaPooling, SearchPhase
 
 
-def autocast_for(amp: bool, device: torch.device):
-    """bf16 autocast on a GPU when the recipe asks for it; float32 otherwise (CPU runs too)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
+def autocast_for(amp: bool, device: torch.device, dtype: str = "bfloat16"):
+    """Autocast to ``dtype`` on a GPU when the recipe asks for it; float32 otherwise (CPU runs
+    too: CPU autocast would change the numbers and gain nothing on these models)."""
+    return torch.autocast("cuda", dtype=getattr(torch, dtype)) if amp and device.type == "cuda" \
         else nullcontext()
+
+
+def grad_scaler_for(amp: bool, device: torch.device, dtype: str = "bfloat16"):
+    """timm's native AMP: float16 gradients underflow without a scaler; bfloat16 has float32's
+    range and needs none, and the CPU runs float32. None when no scaler applies."""
+    if amp and dtype == "float16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 class Trainer:
     """Holds one run's state; ``fit()`` reads top to bottom."""
 
-    def __init__(self, run: RunConfig, dist: Dist) -> None:
+    def __init__(self, run: RunConfig, dist: Dist, streams: Streams | None = None) -> None:
+        """``streams``: the data streams of an earlier run of this process, reused (reseeded)
+        when their settings are this run's, so that their loaders are not compiled again."""
         from timm.utils import random_seed
 
         self.run, self.dist, self.recipe = run, dist, run.recipe
@@ -57,13 +68,7 @@ class Trainer:
         if self.recipe.batch_size % dist.world_size:
             raise ValueError(f"recipes.{run.recipe_name}.batch_size={self.recipe.batch_size} "
                              f"must be divisible by the {dist.world_size} processes")
-        self.data = build_streams(
-            run.data, img_size=self.recipe.img_size,
-            batch_size=self.recipe.batch_size // dist.world_size, scale=self.recipe.scale,
-            seed=run.rng_seed, world_size=dist.world_size, device=str(self.device),
-            channels_last=run.train.channels_last,
-            meta_source=run.pmpl.meta_source if run.pmpl else None,
-            interpolation=self.recipe.interpolation, randaugment=self.recipe.randaugment)
+        self.data = self._streams(streams)
         self.model_args = {**run.model_args, "num_classes": int(self.data.report["classes"])}
         self._build_model()
         self.ckpts = Checkpoints(run.checkpoints)
@@ -72,6 +77,22 @@ class Trainer:
         self.train_seconds, self.images_seen = 0.0, 0
 
     # ------------------------------------------------------------------ set-up
+    def _streams(self, reusable: Streams | None) -> Streams:
+        run, r = self.run, self.recipe
+        kwargs = dict(img_size=r.img_size, batch_size=r.batch_size // self.dist.world_size,
+                      scale=r.scale, world_size=self.dist.world_size, device=str(self.device),
+                      channels_last=run.train.channels_last,
+                      meta_source=run.pmpl.meta_source if run.pmpl else None,
+                      interpolation=r.interpolation, randaugment=r.randaugment)
+        if reusable is not None:
+            settings = {**reusable.settings, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                for k, v in kwargs.items()}}
+            if settings == reusable.settings and \
+                    reusable.settings["data"] == run.data.model_dump(mode="json"):
+                reusable.reseed(run.rng_seed)
+                return reusable
+        return build_streams(run.data, seed=run.rng_seed, **kwargs)
+
     def _build_model(self) -> None:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
@@ -102,7 +123,8 @@ class Trainer:
         groups = param_groups_weight_decay(self.net, r.weight_decay)
         if run.mode == "pmpl":
             self.phase = SearchPhase(
-                ProgressiveMetaPooling(self.model, run.pmpl, self.loss_plain), self.data.meta)
+                ProgressiveMetaPooling(self.model, run.pmpl, self.loss_plain), self.data.meta,
+                permute_labels_seed=run.rng_seed if run.pmpl.meta_labels == "permuted" else None)
             alphas = {id(a) for a in self.phase.search.alphas}  # alpha has its own optimizer
             groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]}
                       for g in groups]
@@ -122,7 +144,11 @@ class Trainer:
             from timm.data.random_erasing import RandomErasing
 
             self.erasing = RandomErasing(r.reprob, mode="pixel", device=str(self.device))
-        self.autocast = autocast_for(r.amp, self.device)
+        self.autocast = autocast_for(r.amp, self.device, r.amp_dtype)
+        self.scaler = grad_scaler_for(r.amp, self.device, r.amp_dtype)
+        # PMPL's bilevel step has no gradient scaler: under float16 it runs in float32, as the
+        # authors' meta trainer did; under bfloat16 it autocasts like the other steps
+        self.search_autocast = self.autocast if self.scaler is None else nullcontext()
 
     def _wrap(self, searching: bool) -> nn.Module:
         """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
@@ -158,6 +184,7 @@ class Trainer:
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "search": self.phase.search.state_dict() if self.phase else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
@@ -188,6 +215,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         if self.phase and state["search"] is not None:
             self.phase.search.load_state_dict(state["search"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -303,12 +332,12 @@ class Trainer:
                 x = self.erasing(x)
             searching = self.phase is not None and self.phase.active
             if searching:  # mixup stays off during the search, as in the reference code
-                with self.autocast:
+                with self.search_autocast:
                     loss = self.phase.step((x, y), epoch)
             else:
                 loss = self._plain_step(x, y)
             self._check_finite(loss, epoch, step)
-            self.optimizer_step()
+            self.optimizer_step(scaled=not searching)
             if searching and self.phase.after_step(epoch):
                 self._after_freezes()
             if self.ema is not None:
@@ -334,12 +363,20 @@ class Trainer:
                 "train_images_per_s": images / max(seconds, 1e-9),
                 "frozen_layers": sum(m.frozen for _, m in enhancers(self.net))}
 
-    def optimizer_step(self) -> None:
-        """The weight update from the gradients in ``p.grad``: clipped to the recipe's norm,
+    def optimizer_step(self, scaled: bool = True) -> None:
+        """The weight update from the gradients in ``p.grad``: unscaled (float16 AMP, when
+        ``scaled``: the backward pass ran through the scaler), clipped to the recipe's norm,
         the recipe's optimizer, the per-update learning rate."""
+        scaler = self.scaler if scaled else None
+        if scaler is not None and self.recipe.clip_grad > 0:
+            scaler.unscale_(self.optimizer)
         if self.recipe.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe.clip_grad)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips the step when a gradient is inf/NaN
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.global_step += 1
         self.scheduler.step_update(num_updates=self.global_step)
 
@@ -353,7 +390,7 @@ class Trainer:
             out = self.model(x)
             loss = (self.loss_mixup(out, target) if self.mixup is not None
                     else self.loss_plain(out, target))
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
@@ -441,19 +478,22 @@ class Trainer:
             # build_model(**saved["model_args"]) rebuilds any saved model
             torch.save({"model_args": model_args, "variant": self.run.variant,
                         "mode": self.run.mode, "state_dict": cpu_net.state_dict()}, tmp)
-        prof = profile_model(cpu_net, self.run.variant, 224, latency=True)
+        prof = profile_model(cpu_net, self.run.variant, 224)
         metrics = {
             **result,
             "params": prof.params, "macs_224": prof.macs,
-            "macs_train_res": profile_model(cpu_net, "", self.recipe.img_size, latency=False).macs,
-            "cpu_latency_ms_224": prof.latency_ms,
+            "macs_train_res": profile_model(cpu_net, "", self.recipe.img_size).macs,
             "train_seconds": self.train_seconds,
             "train_images_per_s": self.images_seen / max(self.train_seconds, 1e-9),
             "epochs": self.recipe.epochs, "img_size": self.recipe.img_size,
             "recipe": self.run.recipe_name,
             "dataset": self.data.report.get("dataset", "unknown"),
             "seed": self.run.seed, "mode": self.run.mode, "variant": self.run.variant,
-            "backbone": self.model_args["backbone"], "world_size": self.dist.world_size,
+            "backbone": self.model_args["backbone"],
+            "genotype_from": self.run.genotype_from,
+            "head": self.model_args.get("head", "plain"),
+            "output_gates": bool(self.model_args.get("output_gates", False)),
+            "world_size": self.dist.world_size,
             "ema": self.ema is not None,
         }
         if genotype is not None:
@@ -463,10 +503,37 @@ class Trainer:
         return metrics
 
 
-def run_training(run: RunConfig) -> dict:
-    """Train one run (under torchrun when ``WORLD_SIZE`` is set); rank 0 returns the metrics."""
-    dist = init_distributed()
+def keep_freed_memory() -> None:
+    """glibc's malloc hands large freed blocks back to the kernel and maps them again on the
+    next step: on a CPU every training step then pays page faults for its activations (about
+    5% of a 2-core step at 48 px, measured with the pipeline benchmark). Fixed thresholds keep
+    them in the heap. A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
     try:
-        return Trainer(run, dist).fit()
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+def run_training(runs: RunConfig | list[RunConfig]) -> list[dict]:
+    """Train runs one after the other in this process (under torchrun when ``WORLD_SIZE`` is
+    set); rank 0 returns their metrics. Runs with the same data settings share the data
+    streams, reseeded, and every run computes what it would compute alone."""
+    dist = init_distributed()
+    if dist.device.type == "cpu":
+        keep_freed_memory()
+    results, streams = [], None
+    try:
+        for run in [runs] if isinstance(runs, RunConfig) else runs:
+            trainer = Trainer(run, dist, streams)
+            results.append(trainer.fit())
+            streams = trainer.data
+        return results
     finally:
         cleanup()

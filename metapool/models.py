@@ -10,7 +10,16 @@ After ``import metapool``::
     timm.create_model("metapool_mobilenetv2_100")                      # searchable
     timm.create_model("metapool_mobilenetv2_100", genotype="g.json")   # fixed (adapted)
     timm.create_model("metapool_mobilenetv2_100", attention="se")      # attention ablation
+    timm.create_model("metapool_published_mobilenetv2_100")            # the authors' model
     timm.create_model("mobilenetv2_100")                               # the baseline
+
+The authors' published ``mp_mobilenet_v2`` (METHOD.md section 4b) is two parts on top of
+MobileNetV2, each a switch of ``build_model`` so that it can be ablated alone and combined with
+any enhancer: ``output_gates`` (a coordinate-style gate - candidate ``strip_pool`` - on the
+output of blocks 6-16, after the projection conv + BN, before the residual add) and
+``head="published"`` (global pool -> 1x1 conv 1280 -> 1280 -> h-swish -> dropout 0.2 ->
+linear). Every MobileNetV2 built here, the baseline included, gets torchvision's
+initialisation, as the authors' model did.
 """
 from __future__ import annotations
 
@@ -22,12 +31,10 @@ import timm
 import torch
 from timm.layers import create_attn
 from timm.models import register_model
-from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual
-from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
-from timm.models.mobilenetv3 import MobileNetV3
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models.efficientnet import _gen_mobilenet_v2
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
 from metapool.genotype import Genotype
@@ -43,6 +50,11 @@ BACKBONES: dict[str, bool] = {
 }
 ATTENTIONS = ("se", "eca", "cbam", "coord")
 ENHANCER_KINDS = ("none", "search", "fixed", "attention")
+HEADS = ("plain", "published")
+# METHOD.md 4b: blocks 6-16 of MobileNetV2's 17 inverted-residual blocks (0-based) carry a gate
+PUBLISHED_GATES_FROM = 6
+# METHOD.md 4b: the authors' head hard-codes its dropout (their model swallows --drop)
+PUBLISHED_HEAD_DROP_RATE = 0.2
 
 
 @dataclass
@@ -85,6 +97,13 @@ def enhancers(model: nn.Module) -> list[tuple[str, MetaPoolEnhancer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MetaPoolEnhancer)]
 
 
+def enhancer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every enhancer of ``model``, searchable or fixed, in network order, named by its block
+    (the genotype's layer names)."""
+    return [(n.rpartition(".")[0], m) for n, m in model.named_modules()
+            if isinstance(m, (MetaPoolEnhancer, FixedEnhancer))]
+
+
 def slot_names(backbone: str) -> list[str]:
     """Names of the enhancer positions of a backbone (the genotype's layer names)."""
     model = timm.create_model(backbone, num_classes=10)
@@ -101,6 +120,10 @@ def build_model(
     fixed_op: str | None = None,
     attention: str | None = None,
     width: float = 1.0,
+    output_gates: bool = False,
+    head: str = "plain",
+    head_drop_rate: float | None = None,
+    stem_stride: int = 2,
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm backbone and fill its enhancer slots.
@@ -109,21 +132,47 @@ def build_model(
     ``fixed`` (FixedEnhancer from ``genotype``, or every slot ``fixed_op``), ``attention``
     (a ``timm.layers.create_attn`` module named by ``attention``). ``width`` is MobileNetV2's
     width multiplier (torchvision's ``width_mult``; same parameter counts at every width).
+    ``output_gates`` and ``head="published"`` add the parts of the authors' published model
+    (MobileNetV2 only; ``add_output_gates``, ``add_published_head``); ``head_drop_rate`` is
+    that head's dropout (None: 0.2, as the authors' model ran whatever ``drop_rate`` said).
+    ``stem_stride`` 1 (MobileNetV2 only) doubles every feature map: what a twice larger input
+    gives the enhancers, from the same pixels.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}")
     if enhancer not in ENHANCER_KINDS:
         raise ValueError(f"unknown enhancer {enhancer!r}: choose from {', '.join(ENHANCER_KINDS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: choose from {', '.join(HEADS)}")
+    if (output_gates or head != "plain") and backbone != "mobilenetv2_100":
+        raise ValueError(f"the published model's gates and head exist for mobilenetv2_100 only, "
+                         f"not {backbone}")
     if width != 1.0:
         if backbone != "mobilenetv2_100":
             raise ValueError(f"width={width} is only supported for mobilenetv2_100, not {backbone}")
         model = _gen_mobilenet_v2("mobilenetv2_100", width, **timm_kwargs)
     else:
         model = timm.create_model(backbone, **timm_kwargs)
+    if stem_stride != 2:
+        if backbone != "mobilenetv2_100" or stem_stride != 1:
+            raise ValueError(f"stem_stride={stem_stride}: only 1 (and timm's 2) on "
+                             f"mobilenetv2_100, not {backbone}")
+        model.conv_stem.stride = (1, 1)
+    if enhancer != "none":
+        _fill_enhancers(model, backbone, enhancer, candidates, split_ratio, genotype, fixed_op,
+                        attention)
+    if output_gates:
+        add_output_gates(model)
+    if head == "published":
+        add_published_head(model, PUBLISHED_HEAD_DROP_RATE if head_drop_rate is None
+                           else head_drop_rate)
     if backbone == "mobilenetv2_100":
-        _torchvision_classifier_init(model)
-    if enhancer == "none":
-        return model
+        torchvision_init(model)
+    return model
+
+
+def _fill_enhancers(model: nn.Module, backbone: str, enhancer: str, candidates, split_ratio: float,
+                    genotype, fixed_op: str | None, attention: str | None) -> None:
     slots = find_slots(model, BACKBONES[backbone])
     factory: Callable[[Slot], nn.Module]
     if enhancer == "search":
@@ -153,18 +202,61 @@ def build_model(
             return create_attn(attention, s.channels)
     for slot in slots:
         _fill(slot, factory(slot))
-    return model
 
 
-def _torchvision_classifier_init(model: nn.Module) -> None:
-    # timm initialises the classifier uniform(+-1/sqrt(num_classes)): with few classes the
-    # initial logits are huge (loss 5-7 at 10 classes). torchvision's MobileNetV2 - the
-    # architecture reproduced here - uses N(0, 0.01) and zero bias, which is also timm's
-    # convolution init (kaiming normal, fan out), so the whole model now matches torchvision.
-    head = model.get_classifier()
-    if isinstance(head, nn.Linear):
-        nn.init.normal_(head.weight, 0, 0.01)
-        nn.init.zeros_(head.bias)
+def inverted_residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """MobileNetV2's 17 blocks in network order (the expand-ratio-1 block 0 included)."""
+    return [block for stage in model.blocks for block in stage]
+
+
+def add_output_gates(model: nn.Module, first_block: int = PUBLISHED_GATES_FROM) -> None:
+    """The authors' ``x + gate(conv(x))``: a ``strip_pool`` gate (coordinate-style, biased
+    convs, max(8, C // 32) middle channels) on the output of every block from ``first_block``,
+    after the projection conv + BN and before the residual add, in place."""
+    for block in inverted_residual_blocks(model)[first_block:]:
+        if not isinstance(block, InvertedResidual):
+            raise ValueError(f"block {type(block).__name__} has no projection to gate")
+        # inside bn3's slot, so timm's forward adds the residual after the gate
+        block.bn3 = nn.Sequential(block.bn3, build_op("strip_pool", block.conv_pwl.out_channels))
+
+
+class PublishedHead(nn.Module):
+    """The authors' head before the classifier: global average pool, a 1x1 conv C -> C with
+    bias, h-swish, flattened (timm's ``forward_head`` applies the dropout, then the linear)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(channels, channels, 1, bias=True)
+        self.act = nn.Hardswish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(self.pool(x))).flatten(1)
+
+
+def add_published_head(model: nn.Module, drop_rate: float = PUBLISHED_HEAD_DROP_RATE) -> None:
+    """Replace the global pool of a timm MobileNetV2 by ``PublishedHead`` and set the dropout
+    before the classifier to ``drop_rate``, in place."""
+    model.global_pool = PublishedHead(model.num_features)
+    model.drop_rate = drop_rate
+
+
+def torchvision_init(model: nn.Module) -> None:
+    """torchvision's MobileNetV2 initialisation on every module, in place: convolutions
+    kaiming-normal (fan out, as PyTorch counts it: a depthwise 3x3 at C channels has fan out
+    9C, where timm's own init uses 9), biases 0, norms 1 and 0, linears N(0, 0.01). timm's
+    uniform classifier init would also start 10 classes at a loss of 5-7."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 def _as_genotype(genotype, layers: list[str], fixed_op: str | None, split_ratio: float) -> Genotype:
@@ -185,56 +277,6 @@ def export_fixed(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.to_fixed())
-    return model
-
-
-# Modules whose children run in the order they are registered (timm's blocks and stems), so a
-# Conv2d registered right before a BatchNorm2d feeds it. tests/test_ops.py checks every backbone.
-_SEQUENTIAL_CHILDREN = (InvertedResidual, DepthwiseSeparableConv, ConvBnAct, BasicBlock,
-                        Bottleneck, EfficientNet, MobileNetV3, ResNet, nn.Sequential)
-
-
-class ChannelAffine(nn.Module):
-    """An eval-mode BatchNorm2d as the per-channel ``x * scale + shift`` it computes."""
-
-    def __init__(self, bn: nn.BatchNorm2d) -> None:
-        super().__init__()
-        scale = bn.weight.detach() * torch.rsqrt(bn.running_var + bn.eps)
-        self.register_buffer("scale", scale.view(1, -1, 1, 1))
-        shift = bn.bias.detach() - bn.running_mean * scale
-        self.register_buffer("shift", shift.view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm that directly follows a convolution into it, in place (eval mode
-    only: the folded model computes what the eval-mode model computes, to float rounding).
-
-    timm's ``BatchNormAct2d`` keeps its activation (and dropout) as a module of its own. An
-    enhancer's BatchNorm cannot be folded into a convolution (it follows a pooling op, and a
-    ReLU6 separates it from the depthwise convolution before): it becomes a ``ChannelAffine``
-    (one pass instead of BatchNorm's two) and its h-swish runs in place on that fresh output.
-    """
-    if model.training:
-        raise ValueError("fold_batchnorm needs an eval-mode model: call model.eval() first")
-    for module in model.modules():
-        if isinstance(module, (MetaPoolEnhancer, FixedEnhancer)) and \
-                isinstance(module.bn, nn.BatchNorm2d):
-            module.bn = ChannelAffine(module.bn)
-            module.act = nn.Hardswish(inplace=True)
-    for parent in model.modules():
-        if not isinstance(parent, _SEQUENTIAL_CHILDREN):
-            continue
-        children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d):
-                continue
-            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
-            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
-                    if m is not None and not isinstance(m, nn.Identity)]
-            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     return model
 
 
@@ -275,3 +317,12 @@ def _register(backbone: str) -> None:
 
 for _backbone in BACKBONES:
     _register(_backbone)
+
+
+@register_model
+def metapool_published_mobilenetv2_100(pretrained: bool = False, **kwargs) -> nn.Module:
+    """The authors' ``mp_mobilenet_v2`` (METHOD.md 4b): MobileNetV2 1.0, 11 output gates and
+    the published head (5,181,686 parameters at 1000 classes)."""
+    if pretrained:
+        raise ValueError("metapool models have no pretrained weights")
+    return build_model("mobilenetv2_100", "none", output_gates=True, head="published", **kwargs)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers.coord_attn import CoordAttn
 from torch import nn
 
-# Measured (bench_enhancers, channels_last, 2-core CPU): two 1-D passes beat one k x k pass
+# Measured (experiments.benchmarks.enhancers, channels_last, 2-core CPU): two 1-D passes beat one k x k pass
 # from k = 7 for max and from k = 5 for the average.
 SEPARABLE_MAX_FROM = 7
 SEPARABLE_MEAN_FROM = 5

@@ -42,6 +42,9 @@ class PMPLSettings(BaseModel):
     split_ratio: float = Field(1.0, gt=0, le=1)
     # heldout: the meta split of train (default); val: the reference code's leak
     meta_source: Literal["heldout", "val"] = "heldout"
+    # permuted: a control of the search - each query batch's labels shuffled among its images
+    # (seeded), so alpha learns from batches whose labels carry no information
+    meta_labels: Literal["true", "permuted"] = "true"
     inner_lr: float = Field(0.0, ge=0)
     inner_steps: int = Field(1, ge=1)
     order: Literal["first", "second"] = "first"
@@ -448,9 +451,12 @@ class SearchPhase:
     the order of (epoch, lap): a resumed run sees the same query batches.
     """
 
-    def __init__(self, search: ProgressiveMetaPooling, queries: Iterable) -> None:
+    def __init__(self, search: ProgressiveMetaPooling, queries: Iterable,
+                 permute_labels_seed: int | None = None) -> None:
         self.search = search
         self.queries = queries
+        # not None: every query batch's labels are permuted among its images (the control)
+        self.permute_labels_seed = permute_labels_seed
         self._batches: Iterator | None = None
 
     @property
@@ -484,5 +490,13 @@ class SearchPhase:
         lap = 0
         while True:
             self.queries.set_epoch(epoch * 1000 + lap)
-            yield from self.queries
+            for k, (x, y) in enumerate(self.queries):
+                yield (x, self._permuted(y, epoch, lap, k)) if self.permute_labels_seed is not None \
+                    else (x, y)
             lap += 1
+
+    def _permuted(self, y: torch.Tensor, epoch: int, lap: int, k: int) -> torch.Tensor:
+        # seeded by the batch's position, so a resumed run permutes the same way
+        key = ((self.permute_labels_seed * 1000003 + epoch) * 1000003 + lap) * 1000003 + k
+        g = torch.Generator().manual_seed(key % 2**63)
+        return y[torch.randperm(len(y), generator=g).to(y.device)]

@@ -105,3 +105,25 @@ def support_side(erf: torch.Tensor, tol: float = 0.0) -> tuple[int, int]:
     if nz.numel() == 0:
         return 0, 0
     return int(nz[:, 0].max() - nz[:, 0].min() + 1), int(nz[:, 1].max() - nz[:, 1].min() + 1)
+
+
+
+def enhancer_map_sizes(backbone: str, img_size: int, stem_stride: int = 2) -> list[dict]:
+    """The feature map every enhancer slot of ``backbone`` works on at ``img_size`` px: one row
+    per slot (``layer``, ``height``, ``width``, ``channels``), from a forward pass."""
+    from metapool.models import build_model, enhancer_modules
+
+    model = build_model(backbone, "fixed", fixed_op="skip", num_classes=10,
+                        stem_stride=stem_stride).eval()
+    rows: list[dict] = []
+    handles = [module.register_forward_pre_hook(
+        lambda m, args, name=name: rows.append({
+            "layer": name, "height": args[0].shape[-2], "width": args[0].shape[-1],
+            "channels": args[0].shape[1]})) for name, module in enhancer_modules(model)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return rows

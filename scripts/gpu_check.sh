@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (experiments/gpu_check.py): throughput, correctness, a short training
+# The prepared GPU check (experiments/benchmarks/gpu_check.py): throughput, correctness, a short training
 # under torchrun, and gpu_check.json/.md in OUT. Runs with the GPU machine's own python3 and the
 # wheels scripts/gpu_wheels.sh put in .whl/ (pydantic: nothing else the check needs is missing
 # there; FFCV and dvclive are optional, DVC is not used).
@@ -21,4 +21,4 @@ if ! "$PYTHON" -c "import pydantic" 2>/dev/null; then
   export PYTHONPATH=/tmp/metapool-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-exec "$PYTHON" -m experiments.gpu_check --out "$out" "$@"
+exec "$PYTHON" -m experiments.benchmarks.gpu_check --out "$out" "$@"

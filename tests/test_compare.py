@@ -121,26 +121,45 @@ def test_theoretical_rf_grows_with_pooling_enhancers():
     assert strip[2]["rf"] == 224  # a strip gate sees whole rows and columns
 
 
-def test_cost_table_puts_latency_and_throughput_beside_macs_relative_to_the_baseline():
-    from experiments.report import COST_COLUMNS, cost_view
+def test_cost_table_puts_latency_per_runtime_and_throughput_beside_macs():
+    from experiments.report import cost_view
 
-    def run(mode, latency, seconds, backbone="mobilenetv2_100"):
+    def run(mode, seconds, backbone="mobilenetv2_100", genotype_from=None):
         return {"mode": mode, "backbone": backbone, "params": 3_504_872, "macs_224": 300_774_272,
-                "cpu_latency_ms_224": latency, "train_seconds": seconds,
-                "train_images_per_s": 880 * 4 / seconds}
+                "train_seconds": seconds, "train_images_per_s": 880 * 4 / seconds,
+                "genotype_from": genotype_from}
 
-    runs = {"baseline": {0: run("baseline", 6.0, 10.0), 1: run("baseline", 8.0, 12.0)},
-            "pmpl": {0: run("pmpl", 10.5, 16.5), 1: run("pmpl", 10.5, 16.5)},
-            "resnet18-pmpl": {0: run("pmpl", 30.0, 40.0, backbone="resnet18")}}
-    rows = {r["variant"]: r for r in cost_table(runs)}
-    assert rows["pmpl"]["latency_vs_baseline"] == pytest.approx(1.5)
+    runs = {"baseline": {0: run("baseline", 10.0), 1: run("baseline", 12.0)},
+            "pmpl": {0: run("pmpl", 16.5), 1: run("pmpl", 16.5)},
+            "two-stage": {0: run("retrain", 11.0, genotype_from="pmpl")},
+            "resnet18-pmpl": {0: run("pmpl", 40.0, backbone="resnet18")}}
+
+    def lat(run_, rt, ms, rel, lo, hi):
+        return {"run": run_, "variant": run_.split("/")[0], "runtime": rt, "threads": "1",
+                "latency_ms": str(ms), "vs_baseline": str(rel), "vs_baseline_low": str(lo),
+                "vs_baseline_high": str(hi)}
+
+    latency = [lat("baseline/seed0", "onnxruntime", 5.0, 1.0, 0.98, 1.02),
+               lat("baseline/seed1", "onnxruntime", 5.0, 1.0, 0.98, 1.02),
+               lat("pmpl/seed0", "onnxruntime", 7.5, 1.5, 1.4, 1.6),  # two genotypes
+               lat("pmpl/seed1", "onnxruntime", 6.5, 1.3, 1.25, 1.45),
+               lat("pmpl/seed0", "eager", 20.0, 2.0, 1.9, 2.1)]
+    rows = {r["variant"]: r for r in cost_table(runs, latency=latency)}
+    assert rows["pmpl"]["latency_vs_baseline_onnxruntime"] == pytest.approx(1.4)  # mean of 2
+    assert rows["pmpl"]["latency_vs_baseline_onnxruntime_low"] == pytest.approx(1.25)
+    assert rows["pmpl"]["latency_vs_baseline_onnxruntime_high"] == pytest.approx(1.6)
+    assert rows["pmpl"]["latency_ms_eager"] == pytest.approx(20.0)
     assert rows["pmpl"]["train_time_vs_baseline"] == pytest.approx(1.5)
-    assert math.isnan(rows["resnet18-pmpl"]["latency_vs_baseline"])  # no resnet18 baseline
+    # two-stage's time includes the search that found its genotype (pmpl seed 0)
+    assert rows["two-stage"]["train_seconds"] == pytest.approx(11.0 + 16.5)
+    assert math.isnan(rows["resnet18-pmpl"]["train_time_vs_baseline"])  # no resnet18 baseline
+    assert "latency_ms_onnxruntime" not in rows["resnet18-pmpl"]
     view = cost_view(pd.DataFrame(list(rows.values())))
-    assert list(view.columns) == list(COST_COLUMNS.values())[1:]
-    assert view.loc["pmpl", "latency / baseline"] == "1.50x"
-    assert view.loc["resnet18-pmpl", "latency / baseline"] == "-"
-    assert view.loc["baseline", "CPU latency, batch 1, 224 px (ms)"] == 7.0
+    assert view.loc["pmpl", "ONNX Runtime / baseline"] == "1.40x [1.25-1.60]"
+    assert view.loc["pmpl", "ONNX Runtime (ms)"] == "7.0"
+    assert view.loc["resnet18-pmpl", "ONNX Runtime / baseline"] == "-"
+    assert view.loc["baseline", "parameters (M)"] == "3.50"
+    assert view.loc["baseline", "MACs at 224 px (M)"] == "300.8"
 
 
 def _seed_runs(values: dict[str, list[float]]) -> dict[str, dict[int, dict]]:

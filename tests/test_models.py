@@ -173,3 +173,109 @@ def test_coordinate_attention_is_hou_et_al():
 def test_average_pooling_counts_the_zero_padding():
     out = build_op("avg_pool_3x3", 1)(torch.ones(1, 1, 4, 4))
     assert out[0, 0, 0, 0] == pytest.approx(4 / 9) and out[0, 0, 1, 1] == 1.0
+
+
+# ------------------------------------------------------------------ the authors' published model
+def test_published_model_counts_match_method_md():
+    from metapool.profile import count_macs
+
+    model = timm.create_model("metapool_published_mobilenetv2_100")
+    assert n_params(model) == 5_181_686
+    gates = build_model("mobilenetv2_100", "none", output_gates=True)
+    head = build_model("mobilenetv2_100", "none", head="published")
+    assert n_params(gates) - 3_504_872 == 37_134  # the 11 gates
+    assert n_params(head) - 3_504_872 == 1_639_680  # the 1x1 conv 1280 -> 1280 with bias
+    assert count_macs(model, 224) == pytest.approx(302.9e6, rel=0.005)
+    assert count_macs(build_model("mobilenetv2_100", "none"), 224) == pytest.approx(300.8e6,
+                                                                                     rel=0.001)
+
+
+def test_published_gates_sit_on_the_output_of_blocks_6_to_16():
+    from metapool.models import inverted_residual_blocks
+
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_100", "none", output_gates=True, num_classes=10).eval()
+    blocks = inverted_residual_blocks(model)
+    assert len(blocks) == 17
+    gated = [i for i, b in enumerate(blocks) if isinstance(getattr(b, "bn3", None), torch.nn.Sequential)]
+    assert gated == list(range(6, 17))
+    for b in blocks[6:]:
+        gate = b.bn3[1]
+        assert isinstance(gate, type(build_op("strip_pool", 8)))
+        assert gate.conv1.out_channels == max(8, b.conv_pwl.out_channels // 32)
+        assert all(c.bias is not None for c in (gate.conv1, gate.conv_h, gate.conv_w))
+    # a residual block: with the gate's sigmoid path at zero (a = 1/2 everywhere) the block is
+    # x + conv(x) / 4, and with the gate removed x + conv(x): the gate sits before the add
+    block = blocks[7]  # 64 channels, stride 1: has a residual
+    assert block.has_skip
+    x = torch.randn(2, 64, 7, 7)
+    conv_x = block.bn3[0](block.conv_pwl(block.se(block.aa(block.bn2(block.conv_dw(
+        block.bn1(block.conv_pw(x))))))))
+    for conv in (block.bn3[1].conv_h, block.bn3[1].conv_w):
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x + conv_x / 4)
+        block.bn3[1].conv_h.bias.fill_(1e4)  # gates saturated at 1: the plain block
+        block.bn3[1].conv_w.bias.fill_(1e4)
+        torch.testing.assert_close(block(x), x + conv_x)
+    # blocks 0-5 are timm's plain blocks
+    plain = build_model("mobilenetv2_100", "none", num_classes=10)
+    for ours, theirs in zip(blocks[:6], inverted_residual_blocks(plain)[:6], strict=True):
+        assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
+
+
+def test_published_head_and_its_dropout():
+    from metapool.models import PublishedHead
+
+    model = timm.create_model("metapool_published_mobilenetv2_100", drop_rate=0.5,
+                              num_classes=10)
+    assert isinstance(model.global_pool, PublishedHead)
+    assert model.drop_rate == 0.2  # as ran: the authors' model swallowed --drop
+    assert build_model("mobilenetv2_100", "none", head="published", head_drop_rate=0.05,
+                       drop_rate=0.5).drop_rate == 0.05  # asked for explicitly
+    feats = torch.randn(3, 1280, 2, 2)
+    head = model.global_pool
+    expected = torch.nn.functional.hardswish(head.conv(feats.mean((2, 3), keepdim=True))).flatten(1)
+    torch.testing.assert_close(head(feats), expected)
+    model.eval()
+    torch.testing.assert_close(model.forward_head(feats), model.classifier(expected))
+    model.train()
+    outs = [model.forward_head(feats) for _ in range(2)]
+    assert not torch.equal(*outs)  # dropout before the classifier in training
+    with pytest.raises(ValueError, match="mobilenetv2_100 only"):
+        build_model("resnet18", "none", head="published")
+
+
+def test_every_mobilenetv2_has_torchvision_initialisation():
+    torch.manual_seed(0)
+    ours = build_model("mobilenetv2_100", "none", output_gates=True, head="published")
+    tv = torchvision.models.mobilenet_v2()
+    # the depthwise 3x3 of the last block: torchvision's fan out counts 9 x 960
+    dw = ours.blocks[6][0].conv_dw.weight  # block 16, 320 output channels
+    assert dw.std().item() == pytest.approx((2 / (9 * 960)) ** 0.5, rel=0.1)
+    assert dw.std().item() == pytest.approx(tv.features[17].conv[1][0].weight.std().item(), rel=0.1)
+    head = ours.get_classifier()
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert torch.count_nonzero(head.bias) == 0
+    gate = ours.blocks[6][0].bn3[1]
+    assert torch.count_nonzero(gate.conv1.bias) == 0
+    assert gate.conv_h.weight.std().item() == pytest.approx((2 / 320) ** 0.5, rel=0.15)
+
+
+def test_published_parts_fold_for_deployment():
+    from metapool.deploy import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("mobilenetv2_100", "search", output_gates=True, head="published",
+                        num_classes=10)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64))  # BatchNorm statistics to fold
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    import copy
+
+    folded = fold_batchnorm(copy.deepcopy(model))
+    gated = folded.blocks[3][0].bn3  # block 6: its BN went into the projection, the gate stays
+    assert [type(m).__name__ for m in gated] == ["CoordAttn"]
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)

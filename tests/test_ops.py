@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer, weighted_sum
-from metapool.models import BACKBONES, ChannelAffine, build_model, fold_batchnorm
+from metapool.deploy import ChannelAffine, DeployedEnhancer, deployable, fold_batchnorm
+from metapool.models import BACKBONES, build_model
 from metapool.ops import box_mean, build_op, candidate_outputs, max_pool
-from metapool.profile import deployed
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 SHAPES = [(2, 5, 9, 7), (1, 3, 2, 2), (2, 4, 1, 1), (3, 6, 16, 16)]
@@ -165,11 +165,14 @@ def test_fold_batchnorm_keeps_the_eval_outputs(backbone):
     with torch.no_grad():
         want = model(x)
         n_enhancers = sum(isinstance(m, FixedEnhancer) for m in model.modules())
-        got = deployed(model)(x.contiguous(memory_format=torch.channels_last))
+        got = deployable(model)(x.contiguous(memory_format=torch.channels_last))
+        exported = deployable(model, export=True)(x)
+    assert sum(isinstance(m, DeployedEnhancer) for m in deployable(model).modules()) == n_enhancers
     folded = fold_batchnorm(model)
     assert n_enhancers > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, ChannelAffine) for m in folded.modules()) == n_enhancers
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    torch.testing.assert_close(exported, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_fold_batchnorm_refuses_a_training_model():

@@ -14,7 +14,7 @@ from data_pipelines.loaders import build_streams
 from data_pipelines.resize import BICUBIC, BILINEAR
 from experiments.config import load_params, resolve_run
 from experiments.distributed import Dist, StopSignal
-from experiments.train import Trainer, autocast_for
+from experiments.train import Trainer, autocast_for, grad_scaler_for
 from tests.helpers import metapool, write_params
 
 pytestmark = pytest.mark.slow
@@ -163,18 +163,30 @@ def test_standard_recipe(data):
     assert float(torch.stack([p.grad.norm() for p in tr.net.parameters()]).norm()) > 1e3
 
 
-def test_recipe_card_covers_every_knob_of_the_paper_recipe(data):
+@pytest.mark.parametrize("recipe", ["paper", "paper-final"])
+def test_recipe_card_notes_every_knob_of_the_authors_recipes(data, recipe):
     from experiments.config import Recipe
-    from experiments.report import PAPER_SCRIPT, recipe_card
+    from experiments.report import recipe_card, recipe_notes
+    from tests.helpers import REPO
 
-    assert set(PAPER_SCRIPT) == set(Recipe.model_fields)
-    _, params = data
-    paper = load_params(params).recipes["paper"]
-    card = recipe_card("paper", paper.model_dump(mode="json")).set_index("knob")
-    assert card.loc["drop_path_rate", "ran as written"] == "no"
-    # values as written (a Styler must not round 6.25e-4 away)
-    assert card.loc["amp", "ran as written"] == "no" and card.loc["amp", "value"] == "False"
-    assert card.loc["lr", "value"] == "0.000625"
+    notes = recipe_notes((REPO / "params.yaml").read_text(), recipe)
+    values = load_params(REPO / "params.yaml").recipes[recipe].model_dump(mode="json")
+    card = recipe_card(recipe, values, notes, device_type="cpu").set_index("knob")
+    assert set(card.index) == set(Recipe.model_fields)
+    # every knob params.yaml sets for the recipe says what the authors' script said or ran
+    assert set(notes) <= set(Recipe.model_fields) and len(notes) >= 28
+    assert all(note.startswith(("as ran", "as written", "not in procedure B"))
+               for knob, note in notes.items()), notes
+    assert card.loc["drop_path_rate", "note (params.yaml)"].startswith("as ran")
+    assert card.loc["lr", "value"] == ("0.000625" if recipe == "paper" else "0.005")
+    assert card.loc["randaugment", "value"] == "rand-m9-mstd0.5"
+    assert "no effect on the CPU" in card.loc["amp", "note (params.yaml)"]
+    if recipe == "paper-final":
+        assert "GradScaler" in card.loc["amp_dtype", "note (params.yaml)"]
+        assert card.loc["mixup", "note (params.yaml)"].startswith("as written")
+    default = recipe_card("default", load_params(REPO / "params.yaml").recipes["default"]
+                          .model_dump(mode="json")).set_index("knob")
+    assert default.loc["randaugment", "value"] == "none"
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -186,3 +198,88 @@ def test_channels_last_reaches_the_model_and_the_batches_on_the_cpu(data, channe
     assert tr.net.conv_stem.weight.is_contiguous(memory_format=fmt) == channels_last
     x = first_batch(tr.data.train)
     assert x.is_contiguous(memory_format=fmt) == channels_last and x.shape[2] > 1
+
+
+# ------------------------------------------------------------------ paper-final (procedure B)
+def test_paper_final_optimizer_and_schedule(data):
+    tr = trainer(data, "paper-final", variant="published")
+    opt = tr.optimizer
+    assert type(opt).__name__ == "Lamb" and opt.defaults["eps"] == 1e-6
+    base = 5e-3 * 8 / 2048  # --lr 5e-3 for the global batch 2048, here a batch of 8
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}
+    assert lr_at(tr, 0) == pytest.approx(1e-6)
+    assert lr_at(tr, 4) == pytest.approx(1e-6 + 4 * (base - 1e-6) / 5)
+
+    def cosine(epoch: int) -> float:
+        return 1e-5 + 0.5 * (base - 1e-5) * (1 + math.cos(math.pi * epoch / 320))
+
+    for epoch in (5, 100, 300, 319):  # outside the noise window (epochs 134-288)
+        assert lr_at(tr, epoch) == pytest.approx(cosine(epoch), rel=1e-9)
+    noisy = [abs(lr_at(tr, e) / cosine(e) - 1) for e in range(140, 288, 10)]
+    assert min(noisy) > 1e-4 and max(noisy) < 0.67
+    assert run_seed(tr) == 666
+
+
+def test_paper_final_mixup_mixes_and_the_loss_takes_soft_targets(data):
+    tr = trainer(data, "paper-final", variant="published")
+    mix = tr.mixup
+    assert mix.mixup_alpha == 0.15 and mix.cutmix_alpha == 0 and mix.mix_prob == 1.0
+    x = first_batch(tr.data.train)
+    y = torch.arange(len(x)) % 3
+    mixed, target = mix(x.clone(), y)
+    # soft targets: lam * smoothed(y) + (1 - lam) * smoothed(y flipped), label smoothing 0.1
+    smooth = torch.full((len(y), 3), 0.1 / 3).scatter_(1, y[:, None], 1 - 0.1 + 0.1 / 3)
+    lam = float(target[0, y[0]] - smooth.flip(0)[0, y[0]]) / float(
+        smooth[0, y[0]] - smooth.flip(0)[0, y[0]]) if y[0] != y.flip(0)[0] else None
+    assert lam is not None and 0 < lam < 1
+    torch.testing.assert_close(target, lam * smooth + (1 - lam) * smooth.flip(0))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    assert not torch.equal(mixed, x)  # the batch really is mixed
+    seen = []
+    real = tr.loss_mixup
+    tr.loss_mixup = lambda out, t: seen.append(t) or real(out, t)
+    tr.net.train()
+    tr._plain_step(x, y)
+    assert len(seen) == 1 and seen[0].shape == (len(x), 3) and seen[0].dtype.is_floating_point
+    assert torch.allclose(seen[0].sum(1), torch.ones(len(x)))
+    assert type(real).__name__ == "SoftTargetCrossEntropy"
+
+
+def test_paper_final_precision_clipping_ema_dropout_and_augmentation(data):
+    tr = trainer(data, "paper-final", variant="published")
+    assert tr.scaler is None and isinstance(tr.autocast, nullcontext)  # CPU: float32, no scaler
+    with warnings.catch_warnings():  # no GPU here: the objects a GPU run would get
+        warnings.simplefilter("ignore")
+        cuda = torch.device("cuda")
+        assert isinstance(grad_scaler_for(True, cuda, "float16"), torch.amp.GradScaler)
+        assert grad_scaler_for(True, cuda, "bfloat16") is None
+        assert grad_scaler_for(False, cuda, "float16") is None
+        assert autocast_for(True, cuda, "float16").fast_dtype == torch.float16
+    assert tr.ema is None and tr.recipe.clip_grad == 0
+    for p in tr.net.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    tr.optimizer_step()  # no clipping
+    assert float(torch.stack([p.grad.norm() for p in tr.net.parameters()]).norm()) > 1e3
+    from timm.layers import DropPath
+
+    assert not any(isinstance(m, DropPath) for m in tr.net.modules())  # drop-path not applied
+    assert tr.net.drop_rate == 0.2  # the published head's own dropout, as ran
+    assert trainer(data, "paper-final").net.drop_rate == 0.1  # --drop 0.1 on MobileNetV2
+    assert tr.data.train.loader.pipeline_specs["image"].decoder.kernel == BICUBIC
+    assert tr.data.val.loader.pipeline_specs["image"].decoder.kernel == BICUBIC
+    assert tr.data.train.randaugment.config == "rand-m9-mstd0.5"
+    assert tr.erasing.probability == 0.2 and tr.erasing.mode == "pixel"
+
+
+def test_paper_final_search_steps_take_no_mixup(data):
+    tr = trainer(data, "paper-final", variant="pmpl-head")
+    calls = []
+    real = tr.mixup
+    tr.mixup = lambda x, y: calls.append(1) or real(x, y)
+    tr.phase.start_epoch(0)
+    stop = StopSignal()
+    try:
+        tr.train_one_epoch(0, stop)  # the search lasts the whole (short) epoch here
+    finally:
+        stop.restore()
+    assert tr.phase.active and not calls

@@ -64,7 +64,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     ("recipes.default.lr=-0.1", "recipes.default.lr=-0.1 is invalid: a learning rate must be > 0"),
     ("model.backbone=vgg16", "model.backbone='vgg16' is invalid: choose from mobilenetv2_100"),
     ("data.imagenet_root=/nonexistent/imagenet", "data.imagenet_root='/nonexistent/imagenet' is invalid: no such folder"),
-    ("recipe=fast", "recipe='fast' is invalid: choose from default, paper, standard"),
+    ("recipe=fast", "recipe='fast' is invalid: choose from default, paper, paper-final, standard"),
     ("variants.pmpl.pmpl={stop_rule: magic}",
      "variants.pmpl.pmpl.stop_rule='magic' is invalid: choose from margin, reference_code"),
     ("variants.pmpl.pmpl={innerlr: 1}", r"unknown key variants.pmpl.pmpl.innerlr \(did you mean"),

@@ -1,0 +1,1 @@
+"""Benchmarks of the training side: scripts that print figures (never timed tests)."""
