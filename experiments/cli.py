@@ -47,7 +47,7 @@ def _profile(args: argparse.Namespace) -> None:
     if latencies:
         print(f"\nbatch-1 latency at {args.img_size} px, {args.threads} thread(s), "
               f"{args.rounds} rounds interleaved with {args.reference}:")
-        print(f"{'runtime':<12} {'model':<40} {'ms':>8} {'/ reference':>12} {'rounds range':>16}")
+        print(f"{'runtime':<12} {'model':<40} {'ms':>8} {'/ reference':>12} {'quartiles':>16}")
         for lat in latencies:
             print(f"{lat.runtime:<12} {lat.model:<40} {lat.ms:>8.2f} {lat.ratio:>11.3f}x "
                   f"{lat.ratio_low:>7.3f}-{lat.ratio_high:.3f}")
@@ -91,39 +91,51 @@ def _train(args: argparse.Namespace) -> None:
     from experiments.train import run_training
 
     params = load_params(args.params, args.set)
-    if args.pipeline_seeds:
-        if args.variant is None:
-            raise ValueError("--pipeline-seeds needs --variant")
-        seeds = params.variant_seeds(args.variant)
+    if args.group is not None:
+        if args.group not in params.stages:
+            raise ValueError(f"unknown stage group {args.group!r}: choose from "
+                             f"{', '.join(params.stages)} (params.yaml's stages)")
+        if args.variant or args.mode or args.seed or args.out:
+            raise ValueError("--group trains the group's variants at their pipeline seeds: give "
+                             "no --variant, --mode, --seed or --out with it")
+        pairs = [(v, s) for v in params.stages[args.group] for s in params.variant_seeds(v)]
     else:
         seeds = args.seed or [0]
-    if len(seeds) > 1 and args.out:
-        raise ValueError("--out names one run's folder: give one --seed, or leave --out out "
-                         "(runs go to runs_dir/VARIANT/seedS)")
-    runs = [resolve_run(params, args.variant, seed, args.out, args.mode, args.genotype,
-                        str(Path(args.checkpoints) / f"seed{seed}") if args.checkpoints and (
-                            len(seeds) > 1 or args.pipeline_seeds) else args.checkpoints)
-            for seed in seeds]
+        if len(seeds) > 1 and args.out:
+            raise ValueError("--out names one run's folder: give one --seed, or leave --out out "
+                             "(runs go to runs_dir/GROUP/VARIANT/seedS)")
+        pairs = [(args.variant, s) for s in seeds]
+    several = args.group is not None or len(pairs) > 1
+    runs = [resolve_run(params, variant, seed, args.out, args.mode, args.genotype,
+                        str(Path(args.checkpoints) / (variant if args.group else "") / f"seed{seed}")
+                        if args.checkpoints and several else args.checkpoints)
+            for variant, seed in pairs]
     relaunch_with_torchrun(params, sys.argv[1:])  # returns only when no torchrun is needed
+    if args.group is not None and args.checkpoints:
+        Path(args.checkpoints).mkdir(parents=True, exist_ok=True)  # a DVC output, runs or none
     results = run_training(runs)
     for run, metrics in zip(runs, results, strict=True):
         if metrics:
             print(f"{run.variant} seed {run.seed}: top-1 {metrics['top1']:.2f}% "
                   f"top-5 {metrics['top5']:.2f}% -> {run.out}/metrics.json")
-    if args.pipeline_seeds and any(results):
-        summary = write_variant_summary(Path(params.runs_dir), runs[0].variant, results)
+    if args.group is not None and (results == [] or any(results)):
+        summary = write_group_summary(Path(params.runs_dir), args.group, results)
         print(f"wrote {summary}")
 
 
-def write_variant_summary(runs_dir: Path, variant: str, results: list[dict]) -> Path:
-    """``runs_dir/VARIANT.json``: each seed's headline metrics, the DVC metrics file of a
-    training stage (``dvc exp show`` columns ``seedK.top1`` ...)."""
+def write_group_summary(runs_dir: Path, group: str, results: list[dict]) -> Path:
+    """``runs_dir/GROUP.json``: each run's headline metrics by variant and seed, the DVC metrics
+    file of the group's stage (``dvc exp show`` columns ``VARIANT.seedK.top1`` ...). The
+    group's folder exists afterwards even when the group trains nothing (a DVC output)."""
     from metapool.io import atomic_write_text
 
     keys = ("top1", "top5", "val_loss", "train_seconds", "train_images_per_s", "params",
             "macs_224")
-    summary = {f"seed{m['seed']}": {k: m[k] for k in keys} for m in results}
-    path = runs_dir / f"{variant}.json"
+    summary: dict[str, dict] = {}
+    for m in results:
+        summary.setdefault(m["variant"], {})[f"seed{m['seed']}"] = {k: m[k] for k in keys}
+    (runs_dir / group).mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"{group}.json"
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return path
 
@@ -172,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genotype", help="genotype JSON: build the fixed (adapted) model")
     p.add_argument("--reference", default="mobilenetv2_100",
                    help="the model every ratio is to (default: mobilenetv2_100)")
-    p.add_argument("--runtime", action="append", choices=["eager", "inductor", "onnxruntime"],
+    p.add_argument("--runtime", action="append",
+                   choices=["eager", "inductor", "onnxruntime", "executorch"],
                    help="time batch-1 inference on this runtime (repeatable; none: no timing)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per runtime")
@@ -220,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--genotype", help="retrain mode: the genotype JSON to train")
     t.add_argument("--seed", type=int, nargs="+", help="seed(s), trained one after the other in "
                    "this process (default: 0)")
-    t.add_argument("--pipeline-seeds", action="store_true",
-                   help="train the seeds the DVC pipeline trains --variant at (control_seeds for "
-                        "the controls group, seeds otherwise) and write runs_dir/VARIANT.json")
-    t.add_argument("--out", help="output folder of one run (default: runs/VARIANT/seedS)")
+    t.add_argument("--group", help="train every variant of this stage group (params.yaml's "
+                                   "stages) at its pipeline seeds, one after the other in this "
+                                   "process, and write runs_dir/GROUP.json (the DVC stages)")
+    t.add_argument("--out", help="output folder of one run (default: runs/GROUP/VARIANT/seedS)")
     t.add_argument("--checkpoints", help="checkpoint folder (default: OUT/checkpoints); with "
-                                         "several seeds, the parent of one seedS folder each")
+                                         "several runs, the parent of one [VARIANT/]seedS "
+                                         "folder each")
     _add_set(t)
     t.set_defaults(func=_train)
 

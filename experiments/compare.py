@@ -33,10 +33,11 @@ PAPER_CLAIMS = {  # published numbers (ImageNet top-1, %), labelled as such wher
 
 
 def finished_runs(runs_dir: str | Path, only: Collection[str] | None = None) -> list[Path]:
-    """The finished run folders ``runs_dir/<variant>/seed<k>`` (those with a ``metrics.json``),
-    restricted to the names ``variant/seedK`` in ``only`` when given: runs left over from an
+    """The finished run folders ``.../<variant>/seed<k>`` under ``runs_dir`` (those with a
+    ``metrics.json``; the pipeline keeps them in one folder per stage group), sorted by name
+    ``variant/seedK`` and restricted to the names in ``only`` when given: runs left over from an
     earlier configuration (more seeds, a variant since removed) stay out of the comparison."""
-    runs = sorted(p.parent for p in Path(runs_dir).glob("*/seed*/metrics.json"))
+    runs = sorted((p.parent for p in Path(runs_dir).rglob("seed*/metrics.json")), key=run_name)
     if only is None:
         return runs
     wanted = set(only)
@@ -46,6 +47,14 @@ def finished_runs(runs_dir: str | Path, only: Collection[str] | None = None) -> 
 def run_name(run: Path) -> str:
     """``variant/seedK`` of a run folder."""
     return f"{run.parent.name}/{run.name}"
+
+
+def run_folder(runs_dir: str | Path, name: str) -> Path:
+    """The folder of finished run ``variant/seedK`` under ``runs_dir``."""
+    found = [r for r in finished_runs(runs_dir) if run_name(r) == name]
+    if not found:
+        raise FileNotFoundError(f"no finished run {name} under {runs_dir}: train it first")
+    return found[0]
 
 
 def load_runs(runs_dir: str | Path, only: Collection[str] | None = None

@@ -221,7 +221,7 @@ class CostSettings(_Section):
     """Deployed latency (``metapool cost``, metapool.deploy): batch 1, interleaved with the
     baseline on each runtime."""
 
-    runtimes: list[Literal["eager", "inductor", "onnxruntime"]] = Field(
+    runtimes: list[Literal["eager", "inductor", "onnxruntime", "executorch"]] = Field(
         default_factory=lambda: ["eager", "onnxruntime"], min_length=1)
     threads: int = Field(1, ge=1)
     img_size: int = Field(224, ge=16)
@@ -295,6 +295,16 @@ class Params(_Section):
             return None
         return {f"{name}/seed{seed}" for names in self.stages.values() for name in names
                 for seed in self.variant_seeds(name)}
+
+    def variant_group(self, name: str) -> str:
+        """The stage group (``stages``) that trains variant ``name``; ``other`` when none does
+        (a variant trained by hand)."""
+        return next((group for group, names in self.stages.items() if name in names), "other")
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        """Where run (``variant``, ``seed``) lives: ``runs_dir/GROUP/VARIANT/seedS``, one folder
+        per stage group (the group's DVC output)."""
+        return Path(self.runs_dir) / self.variant_group(variant) / variant / f"seed{seed}"
 
     def variant_seeds(self, name: str) -> list[int]:
         """The seeds the pipeline trains variant ``name`` at: ``control_seeds`` in the
@@ -494,7 +504,7 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
         variant = v.mode
     settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
     recipe = params.variant_recipe(variant)
-    out = out or str(Path(params.runs_dir) / variant / f"seed{seed}")
+    out = out or str(params.run_dir(variant, seed))
     args: dict[str, Any] = {"backbone": v.backbone or params.model.backbone,
                             "enhancer": MODE_ENHANCER[v.mode], "width": params.model.width,
                             "drop_rate": recipe.drop_rate, "drop_path_rate": recipe.drop_path_rate}
@@ -511,8 +521,8 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
     elif v.mode == "attention":
         args.update(attention=v.attention)
     elif v.mode == "retrain":
-        path = genotype or str(Path(params.runs_dir) / v.genotype_from / f"seed{seed}" /
-                               "artifacts" / "genotype.json")
+        path = genotype or str(params.run_dir(v.genotype_from, seed) / "artifacts" /
+                               "genotype.json")
         if not Path(path).is_file():
             raise FileNotFoundError(f"genotype {path} does not exist: run the PMPL variant "
                                     f"{v.genotype_from!r} for seed {seed} first")

@@ -34,13 +34,15 @@ def load_final_model(run: Path) -> torch.nn.Module:
 
 
 def architectures(runs_dir: str | Path, only: Collection[str] | None = None
-                  ) -> tuple[dict[str, list[str]], dict[str, dict]]:
+                  ) -> tuple[dict[str, list[str]], dict[str, dict], dict[str, Path]]:
     """Distinct architectures of the finished runs: architecture id -> the runs (variant/seedK)
-    that have it, and id -> their metrics.json of the first such run. The id is the first run's
-    name; runs share an architecture when ``model_args`` (genotype included) are equal."""
+    that have it, id -> the metrics.json of the first such run, and id -> its folder. The id is
+    the first run's name; runs share an architecture when ``model_args`` (genotype included)
+    are equal."""
     by_args: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     metrics: dict[str, dict] = {}
+    folders: dict[str, Path] = {}
     for run in finished_runs(runs_dir, only):
         saved = torch.load(run / "artifacts" / "model_final.pt", map_location="cpu",
                            weights_only=False)
@@ -49,7 +51,8 @@ def architectures(runs_dir: str | Path, only: Collection[str] | None = None
         members.setdefault(arch, []).append(run_name(run))
         if arch == run_name(run):
             metrics[arch] = json.loads((run / "metrics.json").read_text())
-    return members, metrics
+            folders[arch] = run
+    return members, metrics, folders
 
 
 def run_cost(runs_dir: str | Path, out_dir: str | Path, cfg: CostSettings,
@@ -58,7 +61,7 @@ def run_cost(runs_dir: str | Path, out_dir: str | Path, cfg: CostSettings,
     write ``out_dir/latency.csv`` and return its rows."""
     from metapool.deploy import measure_latency
 
-    members, metrics = architectures(runs_dir, only)
+    members, metrics, folders = architectures(runs_dir, only)
     if not members:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
     rows: list[dict] = []
@@ -71,7 +74,7 @@ def run_cost(runs_dir: str | Path, out_dir: str | Path, cfg: CostSettings,
                 f"{len(archs)} architectures are not timed")
             continue
         ref = refs[0]
-        models = {a: load_final_model(Path(runs_dir) / a) for a in archs}
+        models = {a: load_final_model(folders[a]) for a in archs}
         log(f"cost: {len(archs)} architectures of {backbone} on {', '.join(cfg.runtimes)}, "
             f"{cfg.threads} thread(s), {cfg.rounds} interleaved rounds each")
         timed = measure_latency(

@@ -17,8 +17,10 @@ from experiments.compare import finished_runs, run_name
 # the control of the search (METHOD.md section 2 tested against noise): same seed, same
 # everything, but every query batch's labels permuted among its images
 SEARCH, CONTROL = "pmpl", "pmpl-permuted"
-# "alike": the permuted search freezes about as many layers by the margin (within this many of
-# the layers) and agrees with the real search at least as often as two real searches agree
+# The search "decides from noise" when (1) the permuted search freezes about as many layers by
+# the margin (within this many layers) and (2) two real searches (two seeds) share no more
+# choices than two unrelated genotypes with the same op frequencies would (at most the 95th
+# percentile of that chance agreement, a binomial over the layers).
 ALIKE_MARGIN_FREEZES = 2
 
 
@@ -42,6 +44,19 @@ def shared_choices(a: dict, b: dict) -> int:
     return sum(ca[k] == cb.get(k) for k in ca)
 
 
+def chance_agreement(a: dict, b: dict) -> tuple[float, int]:
+    """The layers two genotypes would share if their choices were unrelated but kept their op
+    frequencies (expected count), and the 95th percentile of that count (binomial)."""
+    from collections import Counter
+
+    from scipy import stats
+
+    ca, cb = Counter(_choices(a).values()), Counter(_choices(b).values())
+    n = len(a["layers"])
+    p = sum(ca[op] * cb[op] for op in ca) / (n * n)
+    return n * p, int(stats.binom.ppf(0.95, n, p))
+
+
 def search_summary(genotype: dict) -> dict:
     """Layers, how many froze by the margin rule, and the steps at which they did."""
     margin = [layer for layer in genotype["layers"] if layer["reason"] == "margin"]
@@ -54,7 +69,7 @@ def search_summary(genotype: dict) -> dict:
 def search_control(genos: dict[str, dict]) -> dict:
     """PMPL against its permuted-label control, seed by seed, and two seeds of PMPL against
     each other: the table rows and the verdict in words (``alike`` True: the search decides
-    from noise at this scale)."""
+    from noise at this scale; None: no control to judge by)."""
     rows = []
     for name in sorted(genos):
         variant, seed = name.split("/")
@@ -63,41 +78,53 @@ def search_control(genos: dict[str, dict]) -> dict:
         s = search_summary(genos[name])
         partner = f"{SEARCH}/{seed}" if variant == CONTROL else f"{CONTROL}/{seed}"
         same = shared_choices(genos[name], genos[partner]) if partner in genos else None
-        rows.append({"run": name, **s, "same op as its partner": same})
+        rows.append({"run": name, "layers": s["layers"],
+                     "frozen by the margin": s["froze_by_margin"],
+                     "first and last step": "-" if s["first_step"] is None else
+                     f"{s['first_step']}-{s['last_step']}",
+                     "distinct steps": s["distinct_steps"],
+                     "same op(s) as the other label condition": "-" if same is None else str(same)})
     search_seeds = sorted(n for n in genos if n.split("/")[0] == SEARCH)
-    between = (shared_choices(genos[search_seeds[0]], genos[search_seeds[1]])
-               if len(search_seeds) >= 2 else None)
-    pairs = [(f"{SEARCH}/{n.split('/')[1]}", n) for n in genos
+    pairs = [(f"{SEARCH}/{n.split('/')[1]}", n) for n in sorted(genos)
              if n.split("/")[0] == CONTROL and f"{SEARCH}/{n.split('/')[1]}" in genos]
-    result = {"rows": rows, "between_search_seeds": between,
-              "search_seeds": search_seeds[:2], "pairs": len(pairs), "alike": None, "text": ""}
+    result = {"rows": rows, "search_seeds": search_seeds[:2], "pairs": len(pairs),
+              "between_search_seeds": None, "chance": None, "alike": None, "text": ""}
     if not pairs:
         result["text"] = (f"No {CONTROL} run beside a {SEARCH} run of the same seed: the "
                           "search is not tested against noise here.")
         return result
     real, ctrl = pairs[0]
     sr, sc = search_summary(genos[real]), search_summary(genos[ctrl])
-    agree = shared_choices(genos[real], genos[ctrl])
     n = sr["layers"]
-    close = abs(sr["froze_by_margin"] - sc["froze_by_margin"]) <= ALIKE_MARGIN_FREEZES
-    as_often = between is None or agree >= between
-    result["alike"] = close and as_often
     lines = [f"With true labels ({real}) {sr['froze_by_margin']} of {n} layers froze by the margin "
              f"(steps {sr['first_step']}-{sr['last_step']}); with the query labels permuted "
              f"({ctrl}) {sc['froze_by_margin']} of {n} did (steps "
              f"{sc['first_step']}-{sc['last_step']}), and the two chose the same op(s) in "
-             f"{agree} of {n} layers."]
-    if between is not None:
+             f"{shared_choices(genos[real], genos[ctrl])} of {n} layers."]
+    close = abs(sr["froze_by_margin"] - sc["froze_by_margin"]) <= ALIKE_MARGIN_FREEZES
+    reproducible = None
+    if len(search_seeds) >= 2:
+        a, b = genos[search_seeds[0]], genos[search_seeds[1]]
+        between = shared_choices(a, b)
+        expected, upper = chance_agreement(a, b)
+        result.update(between_search_seeds=between, chance=expected)
+        reproducible = between > upper
         lines.append(f"Two seeds of {SEARCH} ({', '.join(search_seeds[:2])}) share {between} of "
-                     f"their {n} choices.")
+                     f"their {n} choices; unrelated genotypes with the same op frequencies would "
+                     f"share {expected:.1f} on average (95% of the time at most {upper}).")
+    result["alike"] = close and reproducible is False
     if result["alike"]:
-        lines.append("The permuted search freezes layers as readily as the real one and agrees "
-                     "with it at least as often as two real searches agree with each other: "
-                     "**the search decides from noise at this scale**.")
+        lines.append("The permuted search freezes layers as readily as the real one, and two real "
+                     "searches agree no more than chance: **the search decides from noise at "
+                     "this scale**.")
+    elif reproducible is None:
+        result["alike"] = None
+        lines.append(f"With one seed of {SEARCH} there is no agreement between searches to judge "
+                     "the choices by.")
     else:
-        lines.append("The two searches differ by more than the rule for \"alike\" allows (margin "
-                     f"freezes within {ALIKE_MARGIN_FREEZES} layers, and agreement with the "
-                     "control at least that between two real seeds): the labels do move the "
+        lines.append("The rule for \"alike\" (margin freezes within "
+                     f"{ALIKE_MARGIN_FREEZES} layers of the control's, and two real searches "
+                     "agreeing no more than chance) does not hold: the labels do shape the "
                      "search here.")
     result["text"] = " ".join(lines)
     return result
@@ -173,7 +200,7 @@ def opening(result: dict, genos: dict[str, dict], geometry: dict[str, list[dict]
         parts.append(text + ".")
     control = search_control(genos)
     if control["alike"] is not None:
-        parts.append("The permuted-label control says the search "
+        parts.append("The permuted-label control and two seeds of the search say that the search "
                      + ("decides from noise at this scale." if control["alike"] else
                         "does use the labels here."))
     if geometry:

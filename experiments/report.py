@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.compare import finished_runs, run_name
+from experiments.compare import finished_runs, run_folder, run_name  # noqa: F401 (the notebook's)
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "reports" / "report.ipynb"
 
@@ -87,7 +87,7 @@ def recipe_card(name: str, values: dict, notes: dict[str, str] | None = None,
 
 
 RUNTIME_NAMES = {"eager": "PyTorch eager", "inductor": "torch.compile (inductor)",
-                 "onnxruntime": "ONNX Runtime"}
+                 "onnxruntime": "ONNX Runtime", "executorch": "ExecuTorch (XNNPACK)"}
 
 
 def cost_view(cost: pd.DataFrame) -> pd.DataFrame:
@@ -116,8 +116,9 @@ def cost_caption(cost: pd.DataFrame, label: str) -> str:
     threads = cost["latency_threads"].dropna() if "latency_threads" in cost else pd.Series([])
     timed = (f"deployed latency batch 1 at 224 px, {int(threads.iloc[0])} thread(s), each model "
              "interleaved with its baseline on the same runtime, median of the rounds [their "
-             "range]" if len(threads) else "no latency measured (the cost stage did not run)")
-    return f"What each variant costs: {timed}; trained on {label}"
+             "quartiles]" if len(threads) else "no latency measured (the cost stage did not run)")
+    return (f"What each variant costs (parameters and MACs as trained, with this dataset's "
+            f"classifier): {timed}; trained on {label}")
 
 
 # what must agree between runs that are compared (the rest is listed, not judged)

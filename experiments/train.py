@@ -75,6 +75,7 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch, self.skip_steps, self.global_step = 0, 0, 0
         self.train_seconds, self.images_seen = 0.0, 0
+        self._final_scores: dict | None = None  # the last epoch's evaluation (plain runs)
 
     # ------------------------------------------------------------------ set-up
     def _streams(self, reusable: Streams | None) -> Streams:
@@ -254,7 +255,14 @@ class Trainer:
                     self._after_freezes()
                 row = {"epoch": epoch, **self.train_one_epoch(epoch, stop)}
                 self._sync_bn_statistics()
-                row.update(self.evaluate(self.net))
+                # the last epoch's evaluation of a plain run is its final one: keep the
+                # predictions instead of scoring the same model twice
+                final = epoch == self.recipe.epochs - 1 and self.ema is None and self.phase is None
+                scores = self.evaluate(self.net, predictions=final)
+                if final:
+                    self._final_scores = dict(scores)
+                    scores.pop("predictions")
+                row.update(scores)
                 if self.ema:
                     row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
                 self.history.append(row)
@@ -453,7 +461,7 @@ class Trainer:
             final_net = export_fixed(copy.deepcopy(final_net))  # what the adapted model costs
             model_args = {**model_args, "enhancer": "fixed", "genotype": genotype.to_dict()}
             model_args.pop("candidates", None)
-        result = self.evaluate(final_net, predictions=True)
+        result = self._final_scores or self.evaluate(final_net, predictions=True)
         return self.dist.on_main(self._write_outputs, final_net, model_args, genotype, result) \
             or {}
 

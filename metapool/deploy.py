@@ -8,16 +8,18 @@ runtime fuses:
 - the linear candidates (``skip``, ``avg_pool_k``: a zero-padded box mean is a depthwise
   convolution) and the enhancer's BatchNorm become one depthwise k x k convolution with bias,
   which the runtime fuses with the h-swish that follows: one pass over the map;
-- the other candidates (max pools, ``strip_pool``) run as torch's own ops (``nn.MaxPool2d``;
-  the suite's fast training ops are not what a runtime expects), then the BatchNorm as a
-  depthwise 1x1 convolution, again fused with the h-swish.
+- the other candidates (max pools: torch's ``max_pool2d``, a large window as two 1-D ones;
+  ``strip_pool``) run as they are, then the BatchNorm as a depthwise 1x1 convolution, again
+  fused with the h-swish. The average pool's custom backward (``ops.BoxMean``) never reaches an
+  exporter: a linear op, it is inside the convolution.
 
 On ONNX Runtime the BatchNorm as elementwise ``Mul``/``Add`` instead cost 0.26 of the baseline's
 whole latency with every enhancer at max 3x3: they break its NCHWc convolution layout, so every
 enhancer paid two layout reorders as well (reports/benchmarks, "Deployed latency").
 
-``measure_latency`` times batch-1 inference of several models on several runtimes, each model
-interleaved with the reference (baseline, variant, baseline, ...) and summarised by medians.
+``measure_latency`` times batch-1 inference of several models on several runtimes (PyTorch
+eager, ``torch.compile``'s inductor, ONNX Runtime's CPU provider, ExecuTorch with XNNPACK), each
+model interleaved with the reference (baseline, variant, baseline, ...), summarised by medians.
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
 from metapool.models import export_fixed
-from metapool.ops import BoxMean, MaxPool, candidate_outputs
+from metapool.ops import BoxMean, candidate_outputs
 
-RUNTIMES = ("eager", "inductor", "onnxruntime")
+RUNTIMES = ("eager", "inductor", "onnxruntime", "executorch")
 
 # Modules whose children run in the order they are registered (timm's blocks and stems), so a
 # Conv2d registered right before a BatchNorm2d feeds it. tests/test_ops.py checks every backbone.
@@ -110,21 +112,14 @@ def _linear_kernel(op: nn.Module) -> int | None:
     return None
 
 
-def _runtime_op(op: nn.Module) -> nn.Module:
-    """Torch's own module for a candidate op (what an exporter and a runtime know)."""
-    if isinstance(op, MaxPool):
-        return nn.MaxPool2d(op.kernel, 1, op.kernel // 2)
-    return op
-
-
 class DeployedEnhancer(nn.Module):
     """A fixed enhancer in eval mode, lowered (module docstring): ``h_swish(linear(x) +
     affine(sum of the other ops(x)))`` with the BatchNorm inside ``linear`` and ``affine``.
 
-    ``export``: the form for an exporter (ONNX): every affine a depthwise convolution and the
-    pools torch's own. Otherwise the form for PyTorch (eager, inductor): PyTorch's CPU
-    depthwise 1x1 convolution takes a slow path (4-5x the baseline's whole latency with one in
-    every block), so a 1x1 affine stays an ``addcmul``, and the pools stay the suite's fast ops.
+    ``export``: the form for an exporter (ONNX Runtime, ExecuTorch): every affine a depthwise
+    convolution. Otherwise the form for PyTorch (eager, inductor): PyTorch's CPU depthwise 1x1
+    convolution takes a slow path (4-5x the baseline's whole latency with one in every block),
+    so a 1x1 affine stays an ``addcmul``.
     """
 
     def __init__(self, enhancer: FixedEnhancer, export: bool = False) -> None:
@@ -136,7 +131,10 @@ class DeployedEnhancer(nn.Module):
         c = self.enhanced
         boxes = [k for k in map(_linear_kernel, enhancer.ops) if k is not None]
         others = [op for op in enhancer.ops if _linear_kernel(op) is None]
-        self.others = nn.ModuleList(_runtime_op(op) if export else op for op in others)
+        # max pools stay the suite's MaxPool: torch's own max_pool2d, a 7x7 as a 7x1 then a
+        # 1x7 (exported as two MaxPool nodes: faster than one 7x7 on ONNX Runtime and
+        # ExecuTorch too); the average's custom backward never reaches an exporter (linear)
+        self.others = nn.ModuleList(others)
         self.linear: nn.Module | None = None
         self.affine: nn.Module | None = None
         size = max(boxes, default=0)
@@ -152,7 +150,7 @@ class DeployedEnhancer(nn.Module):
             bias = shift if self.linear is None else None
             self.affine = _depthwise(scale.view(c, 1, 1, 1), bias) if export else \
                 _Affine(scale, bias)
-        self.act = nn.Hardswish()
+        self.act = nn.Hardswish(inplace=True)  # its input is always a fresh tensor
         self.eval()
 
     def _enhance(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,18 +266,47 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[]
     return lambda: session.run(None, feed)
 
 
+def executorch_program(model: nn.Module, img_size: int = 224) -> bytes:
+    """``model`` (a ``deployable`` copy) as an ExecuTorch program lowered to XNNPACK, the
+    runtime PyTorch ships for phones (``torch.export``, then ``to_edge_transform_and_lower``)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    x = torch.zeros(1, 3, img_size, img_size)
+    exported = torch.export.export(model, (x,))
+    return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]) \
+        .to_executorch().buffer
+
+
+def _executorch(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    _unsafe_reset_threadpool(threads)  # XNNPACK's thread pool, not torch's
+    # the program reads its buffer in place: both must live as long as the method
+    buffer = executorch_program(model, x.shape[-1])
+    program = Runtime.get().load_program(buffer)
+    method = program.load_method("forward")
+
+    def run():
+        return method.execute([x]), program, buffer
+    return run
+
+
 def runner(runtime: str, model: nn.Module, img_size: int = 224,
            threads: int = 1) -> Callable[[], object]:
     """A batch-1 inference call of ``deployable(model)`` on ``runtime`` (eager and inductor:
-    channels_last; ONNX Runtime: the export form, its own layouts)."""
+    channels_last; ONNX Runtime and ExecuTorch: the export form, their own layouts)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
-    net = deployable(model, export=runtime == "onnxruntime")
+    net = deployable(model, export=runtime in ("onnxruntime", "executorch"))
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     if runtime == "eager":
         return _eager(net, x)
     if runtime == "inductor":
         return _inductor(net, x)
+    if runtime == "executorch":
+        return _executorch(net, x, threads)
     return _onnxruntime(net, x, threads)
 
 
@@ -292,7 +319,7 @@ class Latency:
     threads: int
     ms: float               # median per-call time over the rounds
     ratio: float            # median over rounds of (this / reference), both timed in the round
-    ratio_low: float        # the rounds' smallest and largest ratio
+    ratio_low: float        # the rounds' ratios: first and third quartile
     ratio_high: float
     reference_ms: float
     rounds: int
@@ -309,25 +336,28 @@ def _block_ms(call: Callable[[], object], calls: int) -> float:
 
 def measure_latency(models: dict[str, nn.Module], reference: str, runtimes: list[str],
                     img_size: int = 224, threads: int = 1, rounds: int = 15, calls: int = 5,
-                    on_skip: Callable[[str, str, Exception], None] | None = None
+                    on_skip: Callable[[str, str, Exception], None] | None = None,
+                    prepare: Callable[..., Callable[[], object]] | None = None
                     ) -> list[Latency]:
     """Batch-1 latency of every model on every runtime, as a ratio to ``models[reference]``
     on the same runtime: per round, a block of ``calls`` calls of the reference, then of the
     model (each block's median), so that drift and noise hit both alike. Threads: torch's and
     ONNX Runtime's intra-op threads are set to ``threads``. A model a runtime cannot run (an
-    inductor compile that fails) is skipped and reported to ``on_skip``."""
+    inductor compile that fails) is skipped and reported to ``on_skip``. ``prepare`` (default
+    ``runner``) turns (runtime, model, img_size, threads) into the call that is timed."""
+    prepare = prepare or runner
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     out: list[Latency] = []
     try:
         for runtime in runtimes:
-            ref = runner(runtime, models[reference], img_size, threads)
+            ref = prepare(runtime, models[reference], img_size, threads)
             for _ in range(3):
                 ref()
             for name, model in models.items():
                 try:
-                    call = ref if name == reference else runner(runtime, model, img_size,
-                                                                threads)
+                    call = ref if name == reference else prepare(runtime, model, img_size,
+                                                                 threads)
                 except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile it
                     if on_skip is None:
                         raise
@@ -337,8 +367,9 @@ def measure_latency(models: dict[str, nn.Module], reference: str, runtimes: list
                     call()
                 pairs = [(_block_ms(ref, calls), _block_ms(call, calls)) for _ in range(rounds)]
                 ratios = [m / r for r, m in pairs]
+                q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
                 out.append(Latency(name, runtime, threads, statistics.median(m for _, m in pairs),
-                                   statistics.median(ratios), min(ratios), max(ratios),
+                                   statistics.median(ratios), q1, q3,
                                    statistics.median(r for r, _ in pairs), rounds))
     finally:
         torch.set_num_threads(before)
@@ -346,13 +377,13 @@ def measure_latency(models: dict[str, nn.Module], reference: str, runtimes: list
 
 
 def onnx_operator_profile(model: nn.Module, img_size: int = 224, threads: int = 1,
-                          calls: int = 50) -> dict[str, float]:
+                          calls: int = 50, net: nn.Module | None = None) -> dict[str, float]:
     """Milliseconds per call spent in each ONNX Runtime operator type (the optimised graph's
-    nodes: ``FusedConv``, ``MaxPool``, ``ReorderInput``, ...) of ``deployable(model)``, from
-    ONNX Runtime's own profiler."""
+    nodes: ``FusedConv``, ``MaxPool``, ``ReorderInput``, ...) of ``deployable(model)`` (or of
+    ``net``, an inference copy prepared otherwise), from ONNX Runtime's own profiler."""
     import json
 
-    net = deployable(model, export=True)
+    net = net if net is not None else deployable(model, export=True)
     with tempfile.TemporaryDirectory() as tmp:
         session = onnx_session(export_onnx(net, Path(tmp) / "model.onnx", img_size), threads,
                                profile_prefix=str(Path(tmp) / "ort_profile"))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import timm
 
 import metapool  # noqa: F401
@@ -77,7 +78,8 @@ def test_run_time_estimate_by_hand():
 def test_gpu_benchmark_estimate_runs_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     small = {"img_size": 32, "batch_size": 8}
     params = write_params(tmp_path / "params.yaml", tmp_path / "data", tmp_path / "runs",
-                          {"recipes": {"paper": small, "standard": small}})
+                          {"recipes": {"paper": small, "standard": small,
+                                       "paper-final": small}})
     monkeypatch.setattr(sys, "argv", ["bench_gpu", "--device", "cpu", "--img-size", "32",
                                       "--batch", "4", "--steps", "1", "--warmup", "1",
                                       "--no-compile", "--estimate-gpus", "2",
@@ -85,10 +87,15 @@ def test_gpu_benchmark_estimate_runs_end_to_end_on_cpu(tmp_path, monkeypatch, ca
     bench_gpu.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     estimates = {r["recipe"]: r for r in rows if "recipe" in r}
-    assert set(estimates) == {"paper", "standard"}
+    assert set(estimates) == {"paper", "standard", "paper-final"}
     for r in estimates.values():
-        assert r["batch_per_gpu"] == 4
-        assert r["pmpl"]["hours"] > 0 and r["baseline"]["gpu_hours"] > 0
+        assert r["batch_per_gpu"] == 4 and r["gpus"] == 2 and r["img_size"] == 32
+        # the hours are the epochs' images over the measured rate (by hand: test above)
+        ips = r["images_per_s_per_gpu"]
+        assert set(ips) == {"baseline", "search", "adapted", "published"}
+        assert r["baseline"]["gpu_hours"] == pytest.approx(2 * r["baseline"]["hours"], abs=0.1)
+        assert 0 < r["baseline"]["hours"] < r["pmpl"]["hours"]  # a search step costs more
+        assert r["published"]["hours"] > 0
 
 
 def test_ddp_benchmark_runs_under_torchrun():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer, weighted_sum
 from metapool.deploy import ChannelAffine, DeployedEnhancer, deployable, fold_batchnorm
+from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer, weighted_sum
 from metapool.models import BACKBONES, build_model
 from metapool.ops import box_mean, build_op, candidate_outputs, max_pool
 

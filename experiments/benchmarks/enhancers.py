@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metapool.deploy import deployable as deployed
 from metapool.enhancer import FixedEnhancer, MetaPoolEnhancer
 from metapool.models import build_model, slot_names
 from metapool.ops import CANDIDATES, DEFAULT_CANDIDATES
-from metapool.deploy import deployable as deployed
 from metapool.profile import count_macs
 
 POOLS = tuple(n for n in DEFAULT_CANDIDATES if "pool_" in n)
