@@ -24,17 +24,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.config import WriterConfig
-from data_pipelines.manifest import Record
+from data_pipelines.prepared import SPLITS, Record, beton_path, load_rgb
 from metapool.io import atomic_path
-
-SPLITS = ("train", "meta", "val")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode any image PIL understands (whatever its extension says) as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 def check_image(path: str) -> str | None:
@@ -179,4 +170,4 @@ def write_betons(records: list[Record], out_dir: str | Path, cfg: WriterConfig) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return {name: write_beton([r for r in records if r.split == name],
-                              out_dir / f"{name}.beton", cfg) for name in SPLITS}
+                              beton_path(out_dir, name), cfg) for name in SPLITS}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_pipelines.config import DataConfig
-from data_pipelines.manifest import read_manifest
+from data_pipelines.prepared import MANIFEST, beton_path, load_rgb, read_manifest, read_report
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,8 +305,6 @@ class ManifestDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
-        from data_pipelines.betons import load_rgb
-
         r = self.records[i]
         return self.transform(load_rgb(r.path)), r.label
 
@@ -372,8 +370,6 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
     ``heldout`` (the meta split) or ``val`` (the reference code's leak). Query batches are never
     larger than the meta split allows and always hold at least 2 images (a batch of one cannot
     train BatchNorm)."""
-    from data_pipelines.prepare import read_report
-
     data_dir = Path(data.out_dir)
     report = read_report(data_dir)
     base = dict(img_size=img_size, workers=data.loader.workers, scale=tuple(scale), seed=seed,
@@ -392,9 +388,9 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
                                 batch_size=max(2, min(batch_size, per_process)))
     if data.loader.backend == "ffcv":
         def stream(split, train, cfg, drop_last=None):
-            return ffcv_stream(str(data_dir / f"{split}.beton"), train, cfg, drop_last)
+            return ffcv_stream(str(beton_path(data_dir, split)), train, cfg, drop_last)
     else:
-        records = read_manifest(data_dir / "manifest.csv")
+        records = read_manifest(data_dir / MANIFEST)
 
         def stream(split, train, cfg, drop_last=None):
             return torchvision_stream([r for r in records if r.split == split], train, cfg,

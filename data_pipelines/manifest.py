@@ -4,30 +4,23 @@ Layout: ``ROOT/train/<wnid>/*.JPEG``; ``ROOT/val/`` either in class folders
 (``val/<wnid>/*.JPEG``) or flat (``val/ILSVRC2012_val_00000001.JPEG``) with a ground-truth
 file: ``LOC_val_solution.csv`` (ImageId,PredictionString), ``val_labels.txt`` (``file wnid``
 per line), or the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with its ``meta.mat``.
-A manifest lists the readable images (path, label, wnid, split: train, meta or val) that
-``metapool data prepare`` wrote to the .beton files; no image is copied. It is the one record of
-the meta split: everything that needs the splits reads them back from it.
+The manifest (``data_pipelines.prepared``) lists the readable images (path, label, wnid, split:
+train, meta or val) that ``metapool data prepare`` wrote to the .beton files; no image is
+copied. It is the one record of the meta split: everything that needs the splits reads them
+back from it.
 """
 from __future__ import annotations
 
 import csv
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from metapool.io import atomic_path
+from data_pipelines.prepared import Record
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 GROUND_TRUTH_FILES = ("LOC_val_solution.csv", "val_labels.txt",
                       "ILSVRC2012_validation_ground_truth.txt")
-
-
-@dataclass(frozen=True)
-class Record:
-    path: str
-    label: int
-    wnid: str
-    split: str  # train | meta (held out of train for PMPL's alpha) | val
 
 
 def _images(folder: Path) -> list[Path]:
@@ -142,21 +135,6 @@ def build_subset(root: str | Path, classes: int | None = None, train_per_class: 
             picked = sorted(rng.sample(pool, limit)) if limit is not None and limit < len(pool) else pool
             records += [Record(str(p), label, wnid, split) for p in picked]
     return records
-
-
-def write_manifest(records: list[Record], path: str | Path) -> None:
-    """CSV with columns path,label,wnid,split (written atomically)."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "wnid", "split"])
-        for r in records:
-            writer.writerow([r.path, r.label, r.wnid, r.split])
-
-
-def read_manifest(path: str | Path) -> list[Record]:
-    """The records of a manifest written by ``write_manifest``."""
-    with Path(path).open() as fh:
-        return [Record(r["path"], int(r["label"]), r["wnid"], r["split"]) for r in csv.DictReader(fh)]
 
 
 def split_meta(records: list[Record], fraction: float, seed: int) -> list[Record]:

@@ -17,7 +17,8 @@ from data_pipelines.betons import (
     write_betons,
 )
 from data_pipelines.config import DataConfig
-from data_pipelines.manifest import build_subset, split_meta, write_manifest
+from data_pipelines.manifest import build_subset, split_meta
+from data_pipelines.prepared import MANIFEST, REPORT, write_manifest
 from data_pipelines.synthetic import generate
 from metapool.io import atomic_write_text
 
@@ -119,7 +120,7 @@ def prepare(out: str | Path, cfg: DataConfig) -> dict:
                             for r in good if r.path in exc.failures]
                 good = [r for r in good if r.path not in exc.failures]
         good = split
-    write_manifest(good, out / "manifest.csv")
+    write_manifest(good, out / MANIFEST)
     classes = sorted({(r.label, r.wnid) for r in good})
     report = {
         "images": counts,
@@ -134,14 +135,5 @@ def prepare(out: str | Path, cfg: DataConfig) -> dict:
         "root": str(root),
         "data_id": data_id(good, cfg),
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2) + "\n")
     return report
-
-
-def read_report(data_dir: str | Path) -> dict:
-    """``report.json`` of a prepared dataset, or a one-line error saying how to make one."""
-    path = Path(data_dir) / "report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"prepared dataset {data_dir} not found: run `dvc repro data` "
-                                f"or `metapool data prepare --out {data_dir}` first")
-    return json.loads(path.read_text())

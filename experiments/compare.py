@@ -251,8 +251,6 @@ def power(noise_sd: float, effect: float, n: int, cfg: CompareSettings = Compare
     """What the rule can detect, given the seed-to-seed sd of a paired difference: the chance
     that a true ``effect`` (points) is resolved at ``n`` seeds, and the seeds a paired t-test
     needs for 80% power at 5% (two-sided)."""
-    from statsmodels.stats.power import TTestPower
-
     out = {"noise_sd": noise_sd, "effect": effect, "seeds": n, "wins_needed": wins_needed(n, cfg)}
     if not noise_sd > 0 or not math.isfinite(noise_sd):
         return {**out, "p_win": math.nan, "p_resolved": math.nan, "seeds_for_t_test": math.nan}
@@ -260,9 +258,47 @@ def power(noise_sd: float, effect: float, n: int, cfg: CompareSettings = Compare
     k = out["wins_needed"]
     out["p_win"] = p_win
     out["p_resolved"] = float(stats.binom.sf(k - 1, n, p_win)) if k is not None else 0.0
-    need = TTestPower().solve_power(effect_size=effect / noise_sd, alpha=0.05, power=0.8)
-    out["seeds_for_t_test"] = int(math.ceil(need))
+    out["seeds_for_t_test"] = seeds_for_t_test(effect / noise_sd)
     return out
+
+
+def t_test_power(effect_size: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided paired t-test on ``n`` pairs at a standardised effect (the
+    noncentral t; statsmodels' TTestPower returns NaN for large effects at small n)."""
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    nc = effect_size * math.sqrt(n)
+    value = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if math.isfinite(value):
+        return value
+    # scipy's noncentral t fails far in its tail: T = (Z + nc) / sqrt(V / df), V ~ chi2(df),
+    # so the power is E_V[Phi(nc - c s) + Phi(-c s - nc)] with s = sqrt(V / df)
+    from scipy.integrate import quad
+
+    def integrand(v: float) -> float:
+        s = math.sqrt(v / df)
+        return (stats.norm.cdf(nc - crit * s) + stats.norm.cdf(-crit * s - nc)) * \
+            stats.chi2.pdf(v, df)
+
+    return float(quad(integrand, 0, math.inf, limit=200)[0])
+
+
+def seeds_for_t_test(effect_size: float, power: float = 0.8, alpha: float = 0.05,
+                     most: int = 100_000) -> int | float:
+    """The fewest paired seeds (at least 2) with which a two-sided paired t-test at ``alpha``
+    detects a standardised effect with probability ``power`` (NaN beyond ``most``)."""
+    def enough(n: int) -> bool:
+        return t_test_power(effect_size, n, alpha) >= power
+
+    lo, hi = 2, 2  # power grows with n: double until enough, then bisect for the smallest
+    while not enough(hi):
+        if hi >= most:
+            return math.nan
+        lo, hi = hi + 1, min(2 * hi, most)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
 
 
 def controls(runs: dict[str, dict[int, dict]], cfg: CompareSettings) -> list[dict]:

@@ -146,6 +146,8 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     """How a run executes (not what it learns)."""
 
+    # auto: this process's GPU when CUDA is available; cpu: never CUDA (the CPU test suite)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(2, ge=1)
     nproc: int = Field(1, ge=1)
     nnodes: int = Field(1, ge=1)

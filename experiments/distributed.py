@@ -108,14 +108,20 @@ def cpu_threads(threads: int, dist: Dist) -> int:
     return threads
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: str = "auto") -> Dist:
     """NCCL on GPUs, gloo on CPUs; a plain process (no torchrun) is rank 0 of 1. Under torchrun
     the process group and DDP are set up whatever the world size, so one process on one GPU
-    runs the same code path (NCCL included) as eight."""
+    runs the same code path (NCCL included) as eight. ``device`` (``train.device``): ``auto``
+    takes this process's GPU when CUDA is available, ``cpu`` never touches CUDA, ``cuda``
+    requires it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device={device!r} is invalid: choose from auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available here: use auto or cpu")
+    if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:

@@ -44,14 +44,66 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+OWN_PACKAGES = ("metapool", "data_pipelines", "experiments")
+# the command-line dispatcher imports every sub-command's modules inside its handlers
+DISPATCHER = REPO / "experiments" / "cli.py"
+# what a training run computes with (the import closure of these): its fingerprint's code
+TRAINING_MODULES = ("experiments.train", "experiments.config")
+
+
+def module_file(module: str) -> Path | None:
+    """The suite's source file of ``module`` (or of the module an imported name lives in)."""
+    parts = module.split(".")
+    while parts:
+        base = REPO.joinpath(*parts)
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        parts = parts[:-1]
+    return None
+
+
+def imported_names(source: str) -> set[str]:
+    """Every module a Python source imports, at any depth (function-level imports too)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def source_closure(modules: tuple[str, ...] | list[str]) -> list[Path]:
+    """The suite's source files ``modules`` run: the modules, everything of the suite they
+    import transitively, and the (non-empty) ``__init__`` of each package on the way; the
+    dispatcher's lazy imports are not followed. Sorted."""
+    todo = [module_file(m) for m in modules]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        if path == DISPATCHER:
+            continue
+        todo += [module_file(n) for n in imported_names(path.read_text())
+                 if n.split(".")[0] in OWN_PACKAGES]
+        init = path.parent / "__init__.py"
+        if path != init and init.is_file() and init.read_text().strip():
+            todo.append(init)
+    return sorted(p for p in seen if p.read_text().strip())
+
+
 @functools.cache
-def code_sha256() -> str:
-    """sha256 of the suite's Python sources (metapool, experiments, data_pipelines: relative
-    path and bytes of every ``.py`` file, in sorted order): the version of the code whether or
-    not git is there."""
+def code_sha256(modules: tuple[str, ...] = TRAINING_MODULES) -> str:
+    """sha256 of the sources a training run computes with (``source_closure`` of
+    ``modules``: relative path and bytes of each file, in sorted order), whether or not git is
+    there. A report or benchmark edit leaves it alone, so a finished run still resumes."""
     digest = hashlib.sha256()
-    for path in sorted(p for package in ("metapool", "experiments", "data_pipelines")
-                       for p in (REPO / package).rglob("*.py")):
+    for path in source_closure(modules):
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

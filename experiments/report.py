@@ -218,8 +218,9 @@ def val_images(data_dir: str | Path, recipe: dict, count: int) -> torch.Tensor:
     """``count`` normalised validation images from the prepared dataset, as the runs' recipe
     (``recipe_values``: its img_size and interpolation) evaluates them (centre crops)."""
     from data_pipelines.loaders import eval_stream
+    from data_pipelines.prepared import beton_path
 
-    stream = eval_stream(str(Path(data_dir) / "val.beton"), img_size=recipe["img_size"],
+    stream = eval_stream(str(beton_path(data_dir, "val")), img_size=recipe["img_size"],
                          interpolation=recipe["interpolation"], batch_size=count)
     images, _ = next(iter(stream))
     return images

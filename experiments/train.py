@@ -533,12 +533,13 @@ def run_training(runs: RunConfig | list[RunConfig]) -> list[dict]:
     """Train runs one after the other in this process (under torchrun when ``WORLD_SIZE`` is
     set); rank 0 returns their metrics. Runs with the same data settings share the data
     streams, reseeded, and every run computes what it would compute alone."""
-    dist = init_distributed()
+    runs = [runs] if isinstance(runs, RunConfig) else runs
+    dist = init_distributed(runs[0].train.device if runs else "auto")
     if dist.device.type == "cpu":
         keep_freed_memory()
     results, streams = [], None
     try:
-        for run in [runs] if isinstance(runs, RunConfig) else runs:
+        for run in runs:
             trainer = Trainer(run, dist, streams)
             results.append(trainer.fit())
             streams = trainer.data

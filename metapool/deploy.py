@@ -288,8 +288,8 @@ def _executorch(model: nn.Module, x: torch.Tensor, threads: int) -> Callable[[],
     program = Runtime.get().load_program(buffer)
     method = program.load_method("forward")
 
-    def run():
-        return method.execute([x]), program, buffer
+    def run(_keep=(program, buffer)):
+        return method.execute([x])
     return run
 
 

@@ -316,14 +316,12 @@ class ProgressiveMetaPooling:
                 return self._alpha_grad(query, [])  # plain alternating update (reference code)
             if cfg.order == "second" and cfg.second_order_method == "exact":
                 return self._exact_hypergradient(support, query, support_rng)
-            deltas = self._lookahead(support, g_w)
-            try:
+            with self._weights_restored():  # exactly: w + d - d is not w in floating point
+                self._lookahead(support, g_w)
                 if cfg.order == "first":
                     return self._alpha_grad(query, [])
                 grads = self._alpha_grad(query, self.weights)
                 g_alpha, dw = grads[: len(self.alphas)], grads[len(self.alphas):]
-            finally:
-                self._shift(deltas, -1.0)
             return self._finite_difference(support, g_alpha, dw, support_rng)
 
     def _alpha_grad(self, batch, extra: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -333,9 +331,8 @@ class ProgressiveMetaPooling:
         targets = self.alphas + list(extra)
         return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets, strict=True)]
 
-    def _lookahead(self, support, g_w) -> list[torch.Tensor]:
-        """w <- w - inner_lr * g (inner_steps times); returns the total shift to undo later."""
-        total = [torch.zeros_like(p) for p in self.weights]
+    def _lookahead(self, support, g_w) -> None:
+        """w <- w - inner_lr * g, ``inner_steps`` times (the caller restores w)."""
         grads = g_w
         for k in range(self.cfg.inner_steps):
             if k > 0:
@@ -344,10 +341,18 @@ class ProgressiveMetaPooling:
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(
                     torch.autograd.grad(loss, self.weights, allow_unused=True),
                     self.weights, strict=True)]
-            step = [-self.cfg.inner_lr * g for g in grads]
-            self._shift(step, 1.0)
-            total = [t + s for t, s in zip(total, step, strict=True)]
-        return total
+            self._shift([-self.cfg.inner_lr * g for g in grads], 1.0)
+
+    @contextmanager
+    def _weights_restored(self) -> Iterator[None]:
+        """The weights as they were on entry, bit for bit, on exit."""
+        saved = [p.detach().clone() for p in self.weights]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.weights, saved, strict=True):
+                    p.copy_(w)
 
     @torch.no_grad()
     def _shift(self, deltas: list[torch.Tensor], sign: float) -> None:
@@ -368,16 +373,15 @@ class ProgressiveMetaPooling:
         device = support[0].device
         after = rng_state(device)
         masks = support_rng or after
-        self._shift(step, 1.0)
         try:
-            with torch.autocast(device.type, enabled=False):
+            with self._weights_restored(), torch.autocast(device.type, enabled=False):
+                self._shift(step, 1.0)
                 set_rng_state(masks, device)
                 g_plus = self._alpha_grad(support, [])
                 self._shift(step, -2.0)
                 set_rng_state(masks, device)
                 g_minus = self._alpha_grad(support, [])
         finally:
-            self._shift(step, 1.0)
             set_rng_state(after, device)
         return [g - self.cfg.inner_lr * (gp - gm) / (2 * eps)
                 for g, gp, gm in zip(g_alpha, g_plus, g_minus, strict=True)]

@@ -9,6 +9,11 @@ import torch
 
 from tests.helpers import TinySearchNet
 
+# The suite is a CPU suite: on a CI machine with a GPU, CUDA stays hidden from the tests and
+# every process they start (their numbers, bit-identical resumes and the nproc=2 tests assume
+# the CPU; the GPU has its own check, `make gpu-check`). Set before torch touches CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 # Two cores: keep every test single-threaded so parallel BLAS threads never oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

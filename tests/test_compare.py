@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from scipy import stats
 from torch import nn
 
 import metapool  # noqa: F401
@@ -107,7 +108,10 @@ def test_erf_support_equals_the_theoretical_receptive_field(n):
     erf = effective_rf(net, torch.randn(4, 1, 31, 31), "layers")
     assert support_side(erf) == (2 * n + 1, 2 * n + 1)
     assert erf_extent(erf, 1.0) == 2 * n + 1
-    assert erf_extent(erf, 0.5) < 2 * n + 1 or n == 1
+    if n == 1:  # one box filter: a flat 3x3 field, the centre holding 1/9 of it
+        assert erf_extent(erf, 0.5) == 3 and erf_extent(erf, 1 / 9) == 1
+    else:  # a stack of boxes peaks in the middle: half the field sits well inside it
+        assert erf_extent(erf, 0.5) < 2 * n + 1
 
 
 def test_theoretical_rf_grows_with_pooling_enhancers():
@@ -247,3 +251,47 @@ def test_runs_left_from_an_earlier_configuration_stay_out(tmp_path):
                                                           only=result["runs"])["runs"])
     # with no stage groups every run counts, as before
     assert Params().pipeline_runs() is None
+
+
+def test_power_figures_by_hand():
+    from statsmodels.stats.power import TTestPower
+
+    from experiments.compare import power, seeds_for_t_test
+
+    cfg = CompareSettings(min_seeds=5)
+    p = power(noise_sd=2.0, effect=2.3, n=5, cfg=cfg)
+    assert p["wins_needed"] == 5  # 5 of 5: lower bound of the bootstrap interval above 0.5
+    assert p["p_win"] == pytest.approx(stats.norm.cdf(2.3 / 2.0))
+    assert p["p_resolved"] == pytest.approx(p["p_win"] ** 5)
+    need = p["seeds_for_t_test"]
+    analysis = TTestPower()
+    assert analysis.power(effect_size=1.15, nobs=need, alpha=0.05) >= 0.8
+    assert analysis.power(effect_size=1.15, nobs=need - 1, alpha=0.05) < 0.8
+    # the noncentral t by hand agrees with statsmodels where statsmodels answers ...
+    from experiments.compare import t_test_power
+
+    for effect, n in ((1.15, need), (0.5, 20), (2.0, 3)):
+        assert t_test_power(effect, n) == pytest.approx(
+            analysis.power(effect_size=effect, nobs=n, alpha=0.05), abs=1e-6)
+    # ... and answers where it gives up (NaN for a large effect at 2 seeds)
+    assert seeds_for_t_test(20.0) == 2 and t_test_power(20.0, 2) >= 0.8
+    assert math.isnan(power(0.0, 2.3, 5, cfg)["p_win"])  # no noise estimate, no power
+
+
+def test_noise_comes_from_the_aa_control_and_the_val_set():
+    from experiments.compare import noise
+
+    cfg = CompareSettings(controls=[("baseline-aa", "baseline", "no difference")])
+    base = [70.0, 72.0, 71.0, 69.0, 73.0]
+    shift = [0.5, -0.25, 1.0, 0.0, -1.5]
+    preds = np.zeros((400, 2), dtype=int)
+    runs = {"baseline": {s: {"top1": v, "mode": "baseline", "backbone": "m",
+                             "predictions": preds} for s, v in enumerate(base)},
+            "baseline-aa": {s: {"top1": v + d, "mode": "baseline", "backbone": "m"}
+                            for s, (v, d) in enumerate(zip(base, shift, strict=True))}}
+    out = noise(runs, cfg)
+    assert out["source"] == "baseline-aa - baseline, 5 seeds"
+    assert out["sd_diff"] == pytest.approx(np.std(shift, ddof=1))
+    p = np.mean(base) / 100
+    assert out["val_images"] == 400
+    assert out["val_sd_points"] == pytest.approx(100 * math.sqrt(p * (1 - p) / 400))

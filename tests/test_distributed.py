@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.distributed import free_port
 from tests.helpers import REPO, assert_same_metrics, metapool, signal_after_checkpoint, write_params
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 def _run(mode: str, out: str, nproc: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                 "--master_port=29517"] if nproc > 1 else [sys.executable])
+                 f"--master_port={free_port()}"] if nproc > 1 else [sys.executable])
     proc = subprocess.run([*launcher, str(REPO / "tests" / "ddp_worker.py"), mode, out],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -73,7 +74,7 @@ def tiny_ddp(tmp_path_factory):
 
 def _train_args(params: Path, out: Path) -> list[str]:
     return ["train", "--params", str(params), "--variant", "pmpl", "--seed", "0", "--out", str(out),
-            "--set", "train.nproc=2", "--set", "train.threads=1", "--set", "train.master_port=29531",
+            "--set", "train.nproc=2", "--set", "train.threads=1", "--set", f"train.master_port={free_port()}",
             "--set", f"recipes.default.epochs={EPOCHS}"]
 
 
@@ -143,7 +144,7 @@ def test_two_nodes_of_one_process_match_one_node_of_two(tiny_ddp):
     one machine) form one world of 2 and compute exactly what 2 processes on one node do."""
     root, params, straight, _ = tiny_ddp
     out = root / "runs" / "two-nodes"
-    codes, logs = _two_nodes(params, out, 29533)
+    codes, logs = _two_nodes(params, out, free_port())
     assert codes == [0, 0], logs
     assert "top-1" in logs[0] and "top-1" not in logs[1]  # rank 0 (node 0) alone reports
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
@@ -158,7 +159,7 @@ def test_nodes_that_would_resume_from_different_checkpoints_refuse_to_start(tiny
     root, params, straight, _ = tiny_ddp
     out = root / "runs" / "unshared"
     shutil.copytree(straight / "checkpoints", root / "node0-ckpts")
-    codes, logs = _two_nodes(params, out, 29534,
+    codes, logs = _two_nodes(params, out, free_port(),
                              lambda rank: ["--checkpoints", str(root / f"node{rank}-ckpts")])
     assert all(code != 0 for code in codes), logs
     assert all("on a filesystem every node sees" in log for log in logs), logs
@@ -173,7 +174,7 @@ def test_reported_accuracy_is_that_of_the_saved_model(tiny_ddp):
     import torch.nn.functional as F
 
     from data_pipelines.loaders import LoaderConfig, ffcv_stream
-    from experiments.report import load_final_model
+    from experiments.cost import load_final_model
 
     root, _, out, _ = tiny_ddp
     model = load_final_model(out)

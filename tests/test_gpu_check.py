@@ -36,10 +36,11 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     checks = report["correctness"]
     # against float64 on the CPU: a real comparison on the CPU smoke too
     assert checks["reference"] == "float64 on the CPU"
-    assert 0 < checks["weight_grad_rel"] < 1e-3 and 0 < checks["alpha_grad_rel"] < 1e-3
+    assert 0 < checks["weight_grad_rel"] < 1e-4 and 0 < checks["alpha_grad_rel"] < 1e-4
     assert checks["gpu_matches_cpu"] and checks["bf16_ok"] and checks["exact_second_order_finite"]
     assert checks["exact_matches_reference"] and checks["finite_difference_matches_reference"]
-    assert 0 < checks["finite_difference_vs_reference_rel"] < 5e-2
+    assert 0 < checks["finite_difference_vs_exact_rel"] < 5e-2  # judged on the smooth net
+    assert checks["finite_difference_approximates_exact"]
     for variant in ("baseline", "pmpl"):
         run = report["end_to_end"][variant]
         assert run["exit"] == 0 and run["world_size"] == 1  # under torchrun: DDP, one process

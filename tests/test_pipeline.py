@@ -1,6 +1,7 @@
 """The DVC pipeline end to end on the CI smoke profile, in a temporary copy of the repository."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -16,11 +17,17 @@ from tests.helpers import REPO, write_params
 
 pytestmark = pytest.mark.slow
 
-# CI smoke profile: every stage kind (data, plain, search, retrain, compare, report), 2 seeds.
+# CI smoke profile: every stage kind (data, plain, search, retrain, cost, compare, report), the
+# baseline and an A/A control at the rule's 5 seeds (so the report renders its controls), the
+# other variants at 2 seeds.
 SMOKE = {
-    "control_seeds": [0, 1],
-    "stages": {"controls": ["baseline"], "plain": ["fixed-max3"], "search": ["pmpl"]},
-    "compare": {"extra_pairs": [["two-stage", "pmpl"]], "resamples": 500, "controls": []},
+    "seeds": [0, 1],
+    "control_seeds": [0, 1, 2, 3, 4],
+    "stages": {"controls": ["baseline", "baseline-aa"], "plain": ["fixed-max3"],
+               "search": ["pmpl"], "retrain": ["two-stage"]},
+    "compare": {"extra_pairs": [["two-stage", "pmpl"]], "resamples": 500,
+                "controls": [["baseline-aa", "baseline", "no difference"]]},
+    "cost": {"rounds": 3, "calls": 1, "img_size": 32},
 }
 
 
@@ -53,23 +60,51 @@ def repo_copy(tmp_path_factory) -> Path:
     return dst
 
 
-def test_dvc_repro_produces_every_declared_output(repo_copy):
+@pytest.fixture(scope="module")
+def reproduced(repo_copy) -> Path:
+    """The copy after one `dvc repro`, its results committed: what every test here starts from
+    (each test can run alone)."""
     _run(["dvc", "repro"], repo_copy)
-    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
+    _run(["git", "add", "-A"], repo_copy)
+    _run(["git", "commit", "-qm", "baseline results"], repo_copy)
+    return repo_copy
+
+
+def test_dvc_repro_produces_every_declared_output(reproduced):
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
     stages = lock["stages"]
-    assert {"data", "compare", "report", "train-controls@baseline-0", "train-search@pmpl-1",
-            "train-retrain@1"} <= set(stages)
+    assert {"data", "train-controls", "train-plain", "train-search", "train-retrain", "cost",
+            "compare", "report"} <= set(stages)
     for name, stage in stages.items():
         for out in stage.get("outs", []):
-            assert (repo_copy / out["path"]).exists(), f"{name}: {out['path']} missing"
-    for metrics in repo_copy.glob("runs/*/seed*/metrics.json"):
-        m = json.loads(metrics.read_text())
+            assert (reproduced / out["path"]).exists(), f"{name}: {out['path']} missing"
+    runs = sorted(p.parent.relative_to(reproduced / "runs").as_posix()
+                  for p in (reproduced / "runs").rglob("seed*/metrics.json"))
+    assert runs == sorted([*(f"controls/{v}/seed{s}" for v in ("baseline", "baseline-aa")
+                             for s in range(5)),
+                           *(f"{g}/{v}/seed{s}" for g, v in (("plain", "fixed-max3"),
+                                                             ("search", "pmpl"),
+                                                             ("retrain", "two-stage"))
+                             for s in (0, 1))])
+    for rel in runs:
+        m = json.loads((reproduced / "runs" / rel / "metrics.json").read_text())
         assert all(math.isfinite(m[k]) for k in ("top1", "top5", "val_loss", "train_seconds"))
-    compare = json.loads((repo_copy / "results" / "compare.json").read_text())
+        assert 0 <= m["top1"] <= 100 and m["variant"] == rel.split("/")[1]
+    summary = json.loads((reproduced / "runs" / "controls.json").read_text())
+    assert set(summary) == {"baseline", "baseline-aa"} and len(summary["baseline"]) == 5
+    compare = json.loads((reproduced / "results" / "compare.json").read_text())
     pairs = {(c["a"], c["b"]) for c in compare["comparisons"]}
     assert {("pmpl", "baseline"), ("fixed-max3", "baseline"), ("two-stage", "pmpl")} <= pairs
-    _check_report((repo_copy / "reports" / "output" / "report.html").read_text())
-    assert "up to date" in _run(["dvc", "status"], repo_copy).stdout
+    assert [c["a"] for c in compare["controls"]] == ["baseline-aa"]
+    with (reproduced / "results" / "latency.csv").open() as fh:
+        latency = list(csv.DictReader(fh))
+    # every run timed on both runtimes; one architecture for the baseline's five seeds
+    assert {(r["run"], r["runtime"]) for r in latency} == {
+        (rel.split("/", 1)[1], rt) for rel in runs for rt in ("eager", "onnxruntime")}
+    base = {r["architecture"] for r in latency if r["variant"] in ("baseline", "baseline-aa")}
+    assert base == {"baseline-aa/seed0"} or base == {"baseline/seed0"}
+    _check_report((reproduced / "reports" / "output" / "report.html").read_text())
+    assert "up to date" in _run(["dvc", "status"], reproduced).stdout
 
 
 def _check_report(html: str) -> None:
@@ -90,26 +125,31 @@ def _check_report(html: str) -> None:
     summary = next(t for t, c in zip(tables, captions, strict=True) if c.startswith("Summary"))
     cells = summary.get_text(" ")
     assert "range [" in cells and "not resolved: 2 seeds" in cells
-    assert "95% bootstrap" not in text  # 2 seeds: no interval may call itself one
+    assert "95% bootstrap" not in cells  # 2 seeds: no interval may call itself one
+    controls = next(t for t, c in zip(tables, captions, strict=True) if c.startswith("Controls"))
+    assert "baseline-aa vs baseline" in controls.get_text(" ")  # rendered end to end
+    assert "What this run can and cannot show" in text and "None of it predicts ImageNet" in text
+    assert any(c.startswith("What each variant costs") for c in captions)
     assert len(soup.find_all("img")) >= 4
 
 
-def test_exp_run_reruns_only_what_reads_the_changed_param(repo_copy):
-    _run(["git", "add", "-A"], repo_copy)
-    _run(["git", "commit", "-qm", "baseline results"], repo_copy)
-    proc = _run(["dvc", "exp", "run", "-S", "pmpl.inner_lr=0.01"], repo_copy)
+def test_exp_run_reruns_only_what_reads_the_changed_param(reproduced):
+    proc = _run(["dvc", "exp", "run", "-S", "pmpl.inner_lr=0.01"], reproduced)
     log = proc.stdout + proc.stderr
-    assert "Running stage 'train-search@pmpl-0'" in log
-    assert "Running stage 'train-controls@baseline-0'" not in log
+    assert "Running stage 'train-search'" in log
+    assert "Running stage 'train-controls'" not in log and "Running stage 'train-plain'" not in log
     assert "Running stage 'data'" not in log
-    show = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo_copy).stdout
+    show = _run(["dvc", "exp", "show", "--no-pager", "--csv"], reproduced).stdout
     assert "pmpl.inner_lr" in show and "top1" in show
 
 
-def test_a_stage_with_train_nproc_launches_torchrun_itself(repo_copy):
+def test_a_stage_with_train_nproc_launches_torchrun_itself(reproduced):
+    from experiments.distributed import free_port
+
     proc = _run(["dvc", "exp", "run", "-S", "train.nproc=2", "-S", "train.threads=1",
-                 "-S", "train.master_port=29537", "train-controls@baseline-0"], repo_copy)
+                 "-S", f"train.master_port={free_port()}", "train-controls"], reproduced)
     log = proc.stdout + proc.stderr
-    assert "Running stage 'train-controls@baseline-0'" in log
-    metrics = json.loads((repo_copy / "runs" / "baseline" / "seed0" / "metrics.json").read_text())
+    assert "Running stage 'train-controls'" in log
+    metrics = json.loads((reproduced / "runs" / "controls" / "baseline" / "seed0" /
+                          "metrics.json").read_text())
     assert metrics["world_size"] == 2

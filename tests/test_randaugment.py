@@ -24,20 +24,23 @@ def natural_image(height: int = 80, width: int = 96, seed: int = 0) -> np.ndarra
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_every_op_does_what_timms_does(name, monkeypatch):
-    """Same image, magnitude 9, positive sign: our tensor op against timm's PIL op."""
-    monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v: v)
+@pytest.mark.parametrize("magnitude,sign", [(9, 1.0), (9, -1.0), (3, 1.0), (3, -1.0), (10, -1.0)])
+def test_every_op_does_what_timms_does(name, magnitude, sign, monkeypatch):
+    """Same image, magnitude and sign: our tensor op against timm's PIL op (timm negates the
+    level of the signed ops at random; it is fixed here, to each branch)."""
+    monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v: v if sign > 0 else -v)
     img = natural_image()
     hparams = dict(timm_aa._HPARAMS_DEFAULT, img_mean=FILL, interpolation=Image.BICUBIC)
-    reference = np.asarray(timm_aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)(
-        Image.fromarray(img)), dtype=float)
-    ours = BatchRandAugment("rand-m9", "bicubic").apply(
-        name, torch.from_numpy(img).permute(2, 0, 1)[None].float(), torch.tensor([9.0]),
-        torch.tensor([1.0]))[0].permute(1, 2, 0).numpy()
+    reference = np.asarray(timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude,
+                                             hparams=hparams)(Image.fromarray(img)), dtype=float)
+    ours = BatchRandAugment(f"rand-m{magnitude}", "bicubic").apply(
+        name, torch.from_numpy(img).permute(2, 0, 1)[None].float(),
+        torch.tensor([float(magnitude)]), torch.tensor([sign]))[0].permute(1, 2, 0).numpy()
     change = np.abs(reference - img).mean()  # what the op does to the image
     error = np.abs(ours - reference).mean()
-    assert change > 1.0  # the op does something, so the comparison has teeth
-    assert error <= 1.5 and error <= 0.2 * change, (error, change)
+    if magnitude == 9:  # (at 10 Solarize's threshold is 256: timm's own no-op)
+        assert change > 1.0  # the op does something, so the comparison has teeth
+    assert error <= 1.5 and error <= max(0.2 * change, 0.5), (error, change)
 
 
 def _timm_draws(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,8 @@ SMALL = {"img_size": 32, "batch_size": 8}
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     params = write_params(root / "params.yaml", root / "data", root / "runs",
-                          {"recipes": {"paper": SMALL, "standard": SMALL}})
+                          {"recipes": {"paper": SMALL, "standard": SMALL,
+                                       "paper-final": SMALL}})
     metapool("data", "prepare", "--params", str(params), "--out", str(root / "data"))
     return root, params
 
@@ -120,11 +121,35 @@ def test_paper_augmentation_reaches_the_images(data, backend):
         assert ra.num_layers == 2 and {op.prob for op in ra.ops} == {0.5}
         assert {op.magnitude for op in ra.ops} == {9} and \
             {op.magnitude_std for op in ra.ops} == {0.5}
-    plain = build_streams(tr.run.data, img_size=32, batch_size=8, scale=(0.08, 1.0),
-                          seed=run_seed(tr), interpolation="bicubic")
-    with_ra, without = first_batch(tr.data.train), first_batch(plain.train)
-    differs = (with_ra != without).flatten(1).any(dim=1)
-    assert 0 < int(differs.sum())  # RandAugment changed some images (crops are seeded alike)
+    with_ra = first_batch(tr.data.train)
+    if backend == "ffcv":
+        # the same order and crops without RandAugment (the decoder's crops are seeded by the
+        # batch, RandAugment draws from its own generator): only RandAugment can differ
+        plain = build_streams(tr.run.data, img_size=32, batch_size=8, scale=(0.08, 1.0),
+                              seed=run_seed(tr), interpolation="bicubic")
+        differs = (with_ra != first_batch(plain.train)).flatten(1).any(dim=1)
+    else:
+        # timm's transforms draw crop, flip and RandAugment from one RNG: reseed it per image
+        # and apply the pipeline with and without RandAugment, so crop and flip are the same
+        import random
+
+        from torchvision.transforms import Compose
+
+        without_ra = Compose([t for t in tf if not isinstance(t, RandAugment)])
+        with_tf = tr.data.train.loader.dataset.transform
+        records = tr.data.train.loader.dataset.records[:8]
+        from data_pipelines.prepared import load_rgb
+
+        outs = []
+        for i, r in enumerate(records):
+            pair = []
+            for transform in (with_tf, without_ra):
+                random.seed(i)
+                torch.manual_seed(i)
+                pair.append(transform(load_rgb(r.path)))
+            outs.append(pair)
+        differs = torch.tensor([not torch.equal(a, b) for a, b in outs])
+    assert 0 < int(differs.sum())  # RandAugment changed some images, and only it could
     erased = tr.erasing(with_ra.repeat(8, 1, 1, 1))
     assert tr.erasing.probability == 0.2 and tr.erasing.mode == "pixel"
     assert 0 < int((erased != with_ra.repeat(8, 1, 1, 1)).flatten(1).any(dim=1).sum()) < 64

@@ -150,3 +150,57 @@ def test_exception_inside_atomic_path_removes_the_temporary(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_runs_never_touch_cuda_even_where_it_is_available(monkeypatch):
+    import torch
+
+    from experiments.distributed import init_distributed
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""  # conftest hides CUDA from the suite
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CI machine with a GPU
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(i))
+    assert init_distributed("cpu").device.type == "cpu" and not calls
+    assert init_distributed("auto").device.type == "cuda" and calls == [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="train.device=cuda but CUDA is not available"):
+        init_distributed("cuda")
+    from tests.helpers import TINY
+
+    assert TINY["train"]["device"] == "cpu"  # the tests' params say they are CPU runs
+
+
+def test_without_ffcv_prepare_writes_the_manifest_for_the_torchvision_loader(tmp_path,
+                                                                             monkeypatch):
+    import importlib.util
+
+    from data_pipelines.loaders import build_streams
+    from data_pipelines.prepare import prepare
+    from tests.helpers import write_params
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ffcv" else real(name, *a))
+    params = load_params(write_params(tmp_path / "params.yaml", tmp_path / "data",
+                                      tmp_path / "runs"), ["data.loader.backend=torchvision",
+                                                           "data.loader.workers=0"])
+    report = prepare(tmp_path / "data", params.data)
+    assert (tmp_path / "data" / "manifest.csv").is_file()
+    assert not list((tmp_path / "data").glob("*.beton"))
+    assert report["images"]["train"] > 0
+    streams = build_streams(params.data, img_size=32, batch_size=4, scale=(0.8, 1.0), seed=0)
+    x, y = next(iter(streams.train))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
+
+
+def test_a_runs_fingerprint_changes_with_its_code(monkeypatch):
+    from experiments import provenance
+    from experiments.config import resolve_run
+
+    run = resolve_run(load_params(REPO / "params.yaml"), "baseline", 0)
+    report = {"images": {"train": 10}, "data_id": "x"}
+    before = run.fingerprint(1, report)
+    assert run.fingerprint(1, report) == before  # deterministic
+    monkeypatch.setattr(provenance, "code_sha256", lambda *a: "other code")
+    assert run.fingerprint(1, report) != before

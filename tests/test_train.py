@@ -83,32 +83,58 @@ def test_training_fits_a_fixed_batch(tiny):
 
 
 def test_a_run_records_its_metrics_and_predictions(reference):
+    import math
+
+    from experiments.cost import load_final_model
+    from metapool.profile import count_macs
+
     out = reference["baseline"]
-    losses = [float(r["train_loss"]) for r in _history(out)]
-    assert len(losses) == 3 and all(0 < v < 20 for v in losses)
+    history = _history(out)
+    losses = [float(r["train_loss"]) for r in history]
+    assert [int(r["step"]) for r in history] == [0, 1, 2]  # one row per epoch
+    assert all(math.isfinite(v) and v > 0 for v in losses)
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("top1", "top5", "val_loss", "params", "macs_224", "train_seconds",
-                "train_images_per_s", "macs_train_res"):
-        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    assert all(math.isfinite(metrics[k]) for k in ("top1", "top5", "val_loss", "train_seconds",
+                                                   "train_images_per_s"))
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and metrics["val_loss"] > 0
+    model = load_final_model(out)
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert metrics["macs_224"] == count_macs(model, 224)
+    assert metrics["macs_train_res"] == count_macs(model, 32) < metrics["macs_224"]
+    assert metrics["epochs"] == 3 and metrics["img_size"] == 32 and metrics["seed"] == 1
     with (out / "artifacts" / "predictions.csv").open() as fh:
-        assert len(list(csv.DictReader(fh))) == 18  # every val image, 3 classes x 6
+        rows = list(csv.DictReader(fh))
+    assert [int(r["index"]) for r in rows] == list(range(18))  # every val image, 3 x 6, in order
+    top1 = 100 * sum(r["label"] == r["pred"] for r in rows) / len(rows)
+    assert top1 == pytest.approx(metrics["top1"])  # the predictions are the scored ones
+    # the last epoch's evaluation is the final one (scored once): the curve's last point
+    with (out / "live" / "plots" / "metrics" / "top1.tsv").open() as fh:
+        assert float(list(csv.DictReader(fh, delimiter="\t"))[-1]["top1"]) == metrics["top1"]
 
 
 def test_every_run_records_where_it_came_from(reference):
+    import importlib.metadata
+    import os
     import subprocess
 
-    from experiments.provenance import REPO, lock_hash
+    from experiments.provenance import REPO, code_sha256, lock_hash
 
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=REPO, capture_output=True, text=True).stdout.strip())
     for out in reference.values():
         prov = json.loads((out / "metrics.json").read_text())["provenance"]
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip()
-        assert prov["git_commit"] == head and isinstance(prov["git_dirty"], bool)
+        assert prov["git_commit"] == head and prov["git_dirty"] is dirty
         assert prov["lock_sha256"] == lock_hash() and len(prov["lock_sha256"]) == 64
+        assert prov["code_sha256"] == code_sha256()
         assert prov["device_type"] == "cpu" and prov["world_size"] == 1
         assert prov["deterministic_algorithms"] is True and prov["torch_compile"] is False
-        assert prov["torch"] == torch.__version__ and prov["timm"] and prov["ffcv"]
-        assert prov["cpu_threads"] >= 1 and prov["cpu_model"]
+        assert prov["torch"] == torch.__version__
+        assert prov["timm"] == importlib.metadata.version("timm")
+        assert prov["ffcv"] == importlib.metadata.version("ffcv")
+        assert prov["cpu_threads"] == cpu_threads(2, Dist())  # train.threads of the params
+        assert prov["cpu_count"] == os.cpu_count() and prov["cpu_model"]
         params = (out / "live" / "params.yaml").read_text()  # dvclive's params carry it too
         assert head in params
 
@@ -132,7 +158,7 @@ def test_pmpl_freezes_every_layer_by_its_deadline(reference):
 def test_saved_model_rebuilds_from_its_own_arguments(reference, tiny):
     """model_final.pt carries build_model's arguments: one builder rebuilds any saved model,
     and the rebuilt PMPL model is the adapted one (only the kept ops, no alpha)."""
-    from experiments.report import load_final_model
+    from experiments.cost import load_final_model
     from metapool.models import enhancers
 
     root, _ = tiny
@@ -193,7 +219,7 @@ def test_changed_parameters_do_not_resume_stale_checkpoints(tiny):
             "--out", str(out)]
     metapool(*args, "--set", "recipes.default.epochs=1")
     rerun = metapool(*args, "--set", "recipes.default.epochs=1", "--set", "recipes.default.lr=0.001")
-    assert "made with other parameters" in rerun.stdout
+    assert "made with other parameters" in rerun.stdout and "resuming" not in rerun.stdout
 
 
 def test_other_data_with_the_same_counts_does_not_resume_stale_checkpoints(tiny):
@@ -246,3 +272,39 @@ def test_cpu_threads_never_oversubscribe_the_cores(monkeypatch, threads, local_p
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_procs))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert cpu_threads(threads, Dist()) == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_bad_loss_after_a_checkpoint_names_the_last_good_one(tiny, bad):
+    root, params = tiny
+    out = root / "runs" / f"diverge-{bad}"
+    run = resolve_run(load_params(params, ["recipes.default.epochs=3"]), "baseline", 0, str(out))
+    trainer = Trainer(run, Dist())
+    real, calls = trainer.loss_plain, []
+    steps = len(trainer.data.train)
+
+    def diverging(logits, y):  # fine for the first epoch, then the loss blows up
+        calls.append(1)
+        loss = real(logits, y)
+        return loss * bad if len(calls) > steps else loss
+
+    trainer.loss_plain = diverging
+    word = "nan" if bad != bad else "inf"
+    with pytest.raises(FloatingPointError, match=rf"loss is {word} at epoch 1 step 0 .*"
+                                                 r"last good checkpoint: .*ckpt_epoch0000\.pt"):
+        trainer.fit()
+    assert (out / "checkpoints" / "ckpt_epoch0000.pt").is_file()
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_run_without_dvclive_still_writes_its_metrics(tiny, monkeypatch, capsys):
+    import sys
+
+    root, params = tiny
+    monkeypatch.setitem(sys.modules, "dvclive", None)  # `import dvclive` raises ImportError
+    out = root / "runs" / "no-dvclive"
+    run = resolve_run(load_params(params, ["recipes.default.epochs=1"]), "baseline", 0, str(out))
+    metrics = Trainer(run, Dist()).fit()
+    assert "dvclive is not installed" in capsys.readouterr().out
+    assert (out / "metrics.json").is_file() and metrics["epochs"] == 1
+    assert not (out / "live").exists()

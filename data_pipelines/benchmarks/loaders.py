@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.loaders import LoaderConfig, ffcv_stream, torchvision_stream
-from data_pipelines.manifest import read_manifest
+from data_pipelines.prepared import read_manifest
 
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
