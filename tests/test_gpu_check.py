@@ -41,6 +41,9 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert checks["exact_matches_reference"] and checks["finite_difference_matches_reference"]
     assert 0 < checks["finite_difference_vs_exact_rel"] < 5e-2  # judged on the smooth net
     assert checks["finite_difference_approximates_exact"]
+    # the torch.compile branch runs too (dynamo's "eager" backend on the CPU)
+    assert checks["compile_backend"] == "eager" and checks["compiled_ok"]
+    assert 0 <= checks["compiled_vs_eager_rel"] < 1e-3
     for variant in ("baseline", "pmpl"):
         run = report["end_to_end"][variant]
         assert run["exit"] == 0 and run["world_size"] == 1  # under torchrun: DDP, one process
