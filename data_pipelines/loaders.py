@@ -2,7 +2,7 @@
 
 Both yield ``(images, labels)`` with images as normalised float tensors ``N x 3 x S x S`` on the
 target device. Semantics are the same: train = random resized crop + horizontal flip; val =
-centre crop of ``val_ratio`` (224/256) of the shorter side, resized to ``S``.
+centre crop of ``VAL_RATIO`` (224/256) of the shorter side, resized to ``S``.
 
 FFCV pitfalls handled here (libffcv/ffcv issue numbers): its random crop and flip ignore the
 loader seed (#392, #300), so ``SeededRandomResizedCropFlip`` reseeds numba's RNG per sample from
@@ -21,8 +21,9 @@ splits of a training run.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,20 +35,35 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
+RATIO = (3 / 4, 4 / 3)  # the random-resized crop's aspect ratios (torchvision's, timm's)
+VAL_RATIO = 224 / 256  # evaluation's centre crop: this share of the shorter side
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
-    img_size: int = 224
-    batch_size: int = 256
-    workers: int = 2
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    val_ratio: float = 224 / 256
-    seed: int = 0
-    distributed: bool = False
-    channels_last: bool = False
-    device: str = "cpu"
-    interpolation: str = "bilinear"  # bilinear | bicubic (PIL's antialiased filters)
-    randaugment: str = ""  # timm's RandAugment string; train streams only
+    """One stream's settings, every one explicit: ``build_streams`` derives them from the data
+    config and the recipe, so that no loader runs on defaults of its own."""
+
+    img_size: int
+    batch_size: int  # per process
+    workers: int
+    scale: tuple[float, float]
+    seed: int
+    distributed: bool
+    channels_last: bool
+    device: str
+    interpolation: str  # bilinear | bicubic (PIL's antialiased filters)
+    randaugment: str  # timm's RandAugment string ("" for none); train streams only
+
+
+class StreamRecipe(Protocol):
+    """What ``build_streams`` reads of a recipe (``experiments.config.Recipe`` is one)."""
+
+    img_size: int
+    batch_size: int  # global: split over the processes
+    scale: tuple[float, float]
+    interpolation: str
+    randaugment: str
 
 
 def _decoder_classes():
@@ -263,10 +279,10 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
     size = (cfg.img_size, cfg.img_size)
     crop_flip, centre_crop = _decoder_classes()
     if train:
-        decoder = crop_flip(size, tuple(cfg.scale), tuple(cfg.ratio),
+        decoder = crop_flip(size, tuple(cfg.scale), RATIO,
                             interpolation=cfg.interpolation)
     else:
-        decoder = centre_crop(size, ratio=cfg.val_ratio, interpolation=cfg.interpolation)
+        decoder = centre_crop(size, ratio=VAL_RATIO, interpolation=cfg.interpolation)
     pipelines = {
         "image": [decoder, ToTensor(), ToTorchImage(channels_last=True)],
         "label": [IntDecoder(), ToTensor(), Squeeze()],
@@ -288,10 +304,12 @@ def ffcv_stream(path: str, train: bool, cfg: LoaderConfig,
 
 def eval_stream(path: str, img_size: int, interpolation: str, batch_size: int) -> FFCVStream:
     """The evaluation stream of a .beton as a training run's recipe evaluates it (centre crop
-    of ``val_ratio``, ``interpolation``), on the CPU, one worker: for analyses of trained
+    of ``VAL_RATIO``, ``interpolation``), on the CPU, one worker: for analyses of trained
     models (the report's receptive fields)."""
-    return ffcv_stream(path, False, LoaderConfig(img_size=img_size, batch_size=batch_size,
-                                                 workers=1, interpolation=interpolation))
+    return ffcv_stream(path, False, LoaderConfig(
+        img_size=img_size, batch_size=batch_size, workers=1, scale=(1.0, 1.0), seed=0,
+        distributed=False, channels_last=False, device="cpu", interpolation=interpolation,
+        randaugment=""))
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -317,13 +335,13 @@ def torchvision_stream(records, train: bool, cfg: LoaderConfig,
 
     if train:
         tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.scale),
-                              ratio=tuple(cfg.ratio), hflip=0.5, color_jitter=None,
+                              ratio=RATIO, hflip=0.5, color_jitter=None,
                               auto_augment=cfg.randaugment or None,
                               interpolation=cfg.interpolation, mean=IMAGENET_MEAN,
                               std=IMAGENET_STD)
     else:
         tf = create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation,
-                              crop_pct=cfg.val_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                              crop_pct=VAL_RATIO, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     dataset = ManifestDataset(records, tf)
     sampler = None
     generator = torch.Generator().manual_seed(cfg.seed * 1000)
@@ -342,15 +360,15 @@ META_SEED_OFFSET = 7919  # the query stream's seed is the run's plus this
 
 @dataclass
 class Streams:
-    """The streams of one training run and the prepared dataset's ``report.json``;
-    ``settings`` are ``build_streams``' arguments but the seed: a later run of the same process
-    with the same settings reuses the streams (``reseed``) instead of compiling new loaders."""
+    """The streams of one training run and the prepared dataset's ``report.json``; ``key`` is
+    what they were built from but the seed: a later run of the same process with the same key
+    reuses the streams (``reseed``) instead of compiling new loaders."""
 
     train: DataStream
     val: DataStream
     meta: DataStream | None
     report: dict
-    settings: dict
+    key: dict
 
     def reseed(self, seed: int) -> None:
         """Streams for a run seeded ``seed`` (val's order is fixed)."""
@@ -359,24 +377,33 @@ class Streams:
             self.meta.reseed(seed + META_SEED_OFFSET)
 
 
-def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
-                  scale: tuple[float, float], seed: int, world_size: int = 1,
+def streams_key(data: DataConfig, cfg: LoaderConfig, meta_source: str | None) -> dict:
+    """What a run's streams are built from, but the seed (``Streams.key``)."""
+    return {"data": data.model_dump(mode="json"), "loader": {**asdict(replace(cfg, seed=0))},
+            "meta_source": meta_source}
+
+
+def build_streams(data: DataConfig, recipe: StreamRecipe, *, seed: int, world_size: int = 1,
                   device: str = "cpu", channels_last: bool = False,
-                  meta_source: str | None = None, interpolation: str = "bilinear",
-                  randaugment: str = "") -> Streams:
+                  meta_source: str | None = None, reuse: Streams | None = None) -> Streams:
     """Train, val and (for PMPL) query streams over ``data.out_dir`` with ``data.loader``'s
-    backend. ``batch_size`` is per process; ``world_size > 1`` shards every stream (validation
-    too: rank r sees images r, r + world, ...). ``meta_source``: None (no query stream),
-    ``heldout`` (the meta split) or ``val`` (the reference code's leak). Query batches are never
-    larger than the meta split allows and always hold at least 2 images (a batch of one cannot
-    train BatchNorm)."""
+    backend, set from the recipe: its global ``batch_size`` is split over ``world_size``
+    processes, and ``world_size > 1`` shards every stream (validation too: rank r sees images
+    r, r + world, ...). ``meta_source``: None (no query stream), ``heldout`` (the meta split) or
+    ``val`` (the reference code's leak). Query batches are never larger than the meta split
+    allows and always hold at least 2 images (a batch of one cannot train BatchNorm).
+    ``reuse``: streams of an earlier run of this process, reseeded and returned when they were
+    built from the same settings."""
+    cfg = LoaderConfig(img_size=recipe.img_size, batch_size=recipe.batch_size // world_size,
+                       workers=data.loader.workers, scale=tuple(recipe.scale), seed=seed,
+                       distributed=world_size > 1, channels_last=channels_last, device=device,
+                       interpolation=recipe.interpolation, randaugment=recipe.randaugment)
     data_dir = Path(data.out_dir)
     report = read_report(data_dir)
-    base = dict(img_size=img_size, workers=data.loader.workers, scale=tuple(scale), seed=seed,
-                channels_last=channels_last, device=device, distributed=world_size > 1,
-                interpolation=interpolation, randaugment=randaugment)
-    train_cfg = LoaderConfig(**base, batch_size=batch_size)
-    val_cfg = LoaderConfig(**base, batch_size=max(1, batch_size))
+    key = {**streams_key(data, cfg, meta_source), "data_id": report.get("data_id")}
+    if reuse is not None and reuse.key == key:
+        reuse.reseed(seed)
+        return reuse
     meta_split = "val" if meta_source == "val" else "meta"
     meta_cfg = None
     if meta_source is not None:
@@ -384,8 +411,8 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
         if per_process < 2:
             raise ValueError(f"the {meta_split} split has {per_process} images per process, too "
                              "few for a query batch: raise data.meta_split or use more images")
-        meta_cfg = LoaderConfig(**{**base, "seed": seed + META_SEED_OFFSET},
-                                batch_size=max(2, min(batch_size, per_process)))
+        meta_cfg = replace(cfg, seed=seed + META_SEED_OFFSET,
+                           batch_size=max(2, min(cfg.batch_size, per_process)))
     if data.loader.backend == "ffcv":
         def stream(split, train, cfg, drop_last=None):
             return ffcv_stream(str(beton_path(data_dir, split)), train, cfg, drop_last)
@@ -395,12 +422,7 @@ def build_streams(data: DataConfig, *, img_size: int, batch_size: int,
         def stream(split, train, cfg, drop_last=None):
             return torchvision_stream([r for r in records if r.split == split], train, cfg,
                                       drop_last)
-    train = stream("train", True, train_cfg)
-    val = stream("val", False, val_cfg)
+    train = stream("train", True, cfg)
+    val = stream("val", False, cfg)
     meta = stream(meta_split, True, meta_cfg, drop_last=True) if meta_cfg else None
-    settings = {"data": data.model_dump(mode="json"), "img_size": img_size,
-                "batch_size": batch_size, "scale": list(scale), "world_size": world_size,
-                "device": device, "channels_last": channels_last, "meta_source": meta_source,
-                "interpolation": interpolation, "randaugment": randaugment,
-                "report": report.get("data_id")}
-    return Streams(train, val, meta, report, settings)
+    return Streams(train, val, meta, report, key)

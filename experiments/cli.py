@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from experiments.metrics import RunMetrics
 
 
 def _profile(args: argparse.Namespace) -> None:
@@ -86,8 +90,9 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from experiments.config import load_params, resolve_run
+    from experiments.config import load_params
     from experiments.launch import relaunch_with_torchrun
+    from experiments.runs import resolve_run
     from experiments.train import run_training
 
     params = load_params(args.params, args.set)
@@ -116,14 +121,14 @@ def _train(args: argparse.Namespace) -> None:
     results = run_training(runs)
     for run, metrics in zip(runs, results, strict=True):
         if metrics:
-            print(f"{run.variant} seed {run.seed}: top-1 {metrics['top1']:.2f}% "
-                  f"top-5 {metrics['top5']:.2f}% -> {run.out}/metrics.json")
+            print(f"{run.variant} seed {run.seed}: top-1 {metrics.top1:.2f}% "
+                  f"top-5 {metrics.top5:.2f}% -> {run.out}/metrics.json")
     if args.group is not None and (results == [] or any(results)):
         summary = write_group_summary(Path(params.runs_dir), args.group, results)
         print(f"wrote {summary}")
 
 
-def write_group_summary(runs_dir: Path, group: str, results: list[dict]) -> Path:
+def write_group_summary(runs_dir: Path, group: str, results: list[RunMetrics]) -> Path:
     """``runs_dir/GROUP.json``: each run's headline metrics by variant and seed, the DVC metrics
     file of the group's stage (``dvc exp show`` columns ``VARIANT.seedK.top1`` ...). The
     group's folder exists afterwards even when the group trains nothing (a DVC output)."""
@@ -133,7 +138,7 @@ def write_group_summary(runs_dir: Path, group: str, results: list[dict]) -> Path
             "macs_224")
     summary: dict[str, dict] = {}
     for m in results:
-        summary.setdefault(m["variant"], {})[f"seed{m['seed']}"] = {k: m[k] for k in keys}
+        summary.setdefault(m.variant, {})[f"seed{m.seed}"] = {k: getattr(m, k) for k in keys}
     (runs_dir / group).mkdir(parents=True, exist_ok=True)
     path = runs_dir / f"{group}.json"
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
@@ -228,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (a variant of params.yaml, or a bare --mode)")
     t.add_argument("--params", default="params.yaml")
     t.add_argument("--variant", help="a name under `variants:` in params.yaml")
-    t.add_argument("--mode", choices=["baseline", "pmpl", "retrain", "fixed", "attention"],
-                   help="without --variant: train this mode with the params' defaults")
+    t.add_argument("--mode", help="without --variant: train this mode with the params' defaults "
+                                  "(one of experiments.config.Mode)")
     t.add_argument("--genotype", help="retrain mode: the genotype JSON to train")
     t.add_argument("--seed", type=int, nargs="+", help="seed(s), trained one after the other in "
                    "this process (default: 0)")

@@ -4,21 +4,17 @@ Each part owns its section: ``metapool.pmpl.PMPLSettings`` the ``pmpl`` section,
 ``data_pipelines.config.DataConfig`` the ``data`` section; this module adds the recipes, the
 model, the variants, how runs execute (``train``) and the statistics (``compare``), and composes
 them. Every model rejects unknown keys. ``load_params`` turns any validation error into one
-``ValueError`` line that names the key, the bad value and what is allowed ("did you mean").
-``resolve_run`` turns a variant and a seed into the one ``RunConfig`` the Trainer takes.
+``ValueError`` line that names the key, the bad value and what is allowed ("did you mean":
+``experiments.params_errors``). ``experiments.runs`` resolves a variant and a seed into the one
+``RunConfig`` the Trainer takes.
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -31,21 +27,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from data_pipelines.config import DataConfig
-from metapool.genotype import Genotype
+from experiments.params_errors import format_error
 from metapool.models import ATTENTIONS, BACKBONES, HEADS
 from metapool.ops import DEFAULT_CANDIDATES
-from metapool.pmpl import PMPLConfig, PMPLSettings
+from metapool.pmpl import PMPLSettings
 
 Mode = Literal["baseline", "pmpl", "retrain", "fixed", "attention"]
-# what each mode puts in the enhancer slots (metapool.models.build_model's ``enhancer``)
-MODE_ENHANCER = {"baseline": "none", "pmpl": "search", "retrain": "fixed", "fixed": "fixed",
-                 "attention": "attention"}
 Backbone = Literal[tuple(BACKBONES)]
-# keys that moved: (section, key) -> where they live now
-MOVED = {("pmpl", "meta_split"): "data.meta_split",
-         ("pmpl", "alpha_lr"): "recipes.<recipe>.alpha_lr (the search schedule is the recipe's)",
-         ("pmpl", "deadline_epoch"): "recipes.<recipe>.deadline_epoch (the search schedule is "
-                                     "the recipe's)"}
 
 
 def _positive_lr(value: float) -> float:
@@ -342,84 +330,6 @@ def _override(section: _Model, overrides: dict[str, Any], where: tuple[str, ...]
         raise _invalid(format_error(exc, type(section), where)) from None
 
 
-# ------------------------------------------------------------------ one-line errors
-def _walk(root: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, Any]:
-    """The model that ``loc`` ends in and the FieldInfo it names (None: the model itself)."""
-    node: Any = root
-    model, info = None, None
-    for part in loc:
-        while typing.get_origin(node) in (typing.Union, types.UnionType):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            if part not in node.model_fields:
-                return node, None
-            model, info = node, node.model_fields[part]
-            node = info.annotation
-        elif typing.get_origin(node) is dict:
-            model, info = None, None
-            node = typing.get_args(node)[1]
-        else:
-            return model, info
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return node, None
-    return model, info
-
-
-def _bounds(info) -> str:
-    lo = next((("(", m.gt) for m in info.metadata if isinstance(m, Gt)), None) or \
-        next((("[", m.ge) for m in info.metadata if isinstance(m, Ge)), None)
-    hi = next(((")", m.lt) for m in info.metadata if isinstance(m, Lt)), None) or \
-        next((("]", m.le) for m in info.metadata if isinstance(m, Le)), None)
-    if lo and hi:
-        return f"must lie in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
-    op, value = (">" if lo[0] == "(" else ">=", lo[1]) if lo else ("<" if hi[0] == ")" else "<=",
-                                                                    hi[1])
-    return f"must be {op} {value}"
-
-
-def _one_line(err: dict, root: type[BaseModel], prefix: tuple) -> str:
-    loc = tuple(prefix) + tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
-    kind, value = err["type"], err.get("input")
-    model, info = _walk(root, tuple(err["loc"]))
-    if kind == "params":
-        return err["ctx"]["message"]
-    if kind == "extra_forbidden":
-        section = ".".join(str(p) for p in loc[:-1])
-        moved = MOVED.get((str(loc[-2]) if len(loc) > 1 else "", str(loc[-1])))
-        if moved:
-            return f"{key} moved to {moved}: set it there"
-        names = list(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return (f"unknown key {key}{hint}: allowed keys {'in ' + section + ' ' if section else ''}"
-                f"are {', '.join(names)}")
-    if info is not None and "float" in str(info.annotation) and type(value) is int:
-        value = float(value)  # as the schema coerces it
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{key}={value!r} {_bounds(info)}"
-    if kind == "literal_error":
-        expected = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-        return f"{key}={value!r} is invalid: choose from {expected}"
-    if kind == "value_error":
-        message = str(err["ctx"]["error"])
-        if info is None:  # a model-level rule: its message starts with the key in that model
-            return f"{key + '.' if key else ''}{message}"
-        return f"{key}={value!r} is invalid: {message}"
-    if kind == "missing":
-        return f"{key} is missing"
-    if kind.endswith(("_type", "_parsing")):
-        expected = {"string": "str", "model": "mapping", "dict": "mapping"}.get(
-            kind.split("_")[0], kind.split("_")[0])
-        return f"{key}={value!r} is invalid: expected {expected}"
-    return f"{key}={value!r} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
-
-
-def format_error(exc: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
-    """The first error of ``exc`` as one line naming the key (``prefix`` + its location)."""
-    return _one_line(exc.errors(include_url=False)[0], root, prefix)
-
-
 def parse_params(data: dict) -> Params:
     """Validate a params mapping (e.g. ``params.yaml`` after ``-S`` overrides)."""
     try:
@@ -447,94 +357,3 @@ def load_params(path: str | Path | None, overrides: list[str] | None = None) -> 
             target = target.setdefault(part, {})
         target[last] = yaml.safe_load(raw)
     return parse_params(data)
-
-
-# ------------------------------------------------------------------ one run
-class RunConfig(BaseModel):
-    """One training run, resolved from a variant of ``params.yaml``: all the Trainer reads."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    variant: str
-    mode: Mode
-    seed: int
-    seed_offset: int = 0
-    out: str
-    checkpoints: str
-    recipe_name: str
-    recipe: Recipe
-    # metapool.models.build_model's arguments but num_classes (known from the prepared data)
-    model_args: dict[str, Any]
-    pmpl: PMPLConfig | None  # PMPL runs only: the settings plus the recipe's schedule
-    genotype_from: str | None = None  # retrain runs: the PMPL variant that found the genotype
-    data: DataConfig
-    train: TrainParams
-
-    @property
-    def rng_seed(self) -> int:
-        """The random seed of this run: the recipe's seed_base plus the run's seed (plus the
-        variant's seed_offset)."""
-        return self.recipe.seed_base + self.seed + self.seed_offset
-
-    def fingerprint(self, world_size: int, data_report: dict) -> str:
-        """Hash of everything that decides what this run computes (not where or how fast): its
-        settings, the prepared data (``report.json``'s ``data_id`` and counts) and the code. A
-        checkpoint resumes only the run with the same fingerprint: DVC keeps the checkpoint
-        folder (persist) when a dependency changes, and those checkpoints belong to the old one."""
-        from experiments.provenance import code_sha256
-
-        what = self.model_dump(mode="json", exclude={"out", "checkpoints", "train"})
-        what.update(world_size=world_size, images=data_report["images"],
-                    data_id=data_report.get("data_id"), code=code_sha256(),
-                    sync_bn=self.train.sync_bn)
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def resolve_run(params: Params, variant: str | None, seed: int, out: str | None = None,
-                mode: str | None = None, genotype: str | None = None,
-                checkpoints: str | None = None) -> RunConfig:
-    """The RunConfig of a named variant (or a bare ``--mode`` with the params' defaults)."""
-    if variant is not None:
-        if variant not in params.variants:
-            raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(params.variants)}")
-        v = params.variants[variant]
-    else:
-        try:
-            v = Variant(mode=mode or "baseline")
-        except ValidationError as exc:
-            raise ValueError(format_error(exc, Variant, ("--mode",))) from None
-        variant = v.mode
-    settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
-    recipe = params.variant_recipe(variant)
-    out = out or str(params.run_dir(variant, seed))
-    args: dict[str, Any] = {"backbone": v.backbone or params.model.backbone,
-                            "enhancer": MODE_ENHANCER[v.mode], "width": params.model.width,
-                            "drop_rate": recipe.drop_rate, "drop_path_rate": recipe.drop_path_rate}
-    if params.model.stem_stride != 2:
-        args["stem_stride"] = params.model.stem_stride
-    if v.output_gates:
-        args["output_gates"] = True
-    if v.head != "plain":
-        args.update(head=v.head, head_drop_rate=recipe.head_drop_rate)
-    if v.mode == "pmpl":
-        args.update(candidates=settings.candidates, split_ratio=settings.split_ratio)
-    elif v.mode == "fixed":
-        args.update(fixed_op=v.fixed_op, split_ratio=settings.split_ratio)
-    elif v.mode == "attention":
-        args.update(attention=v.attention)
-    elif v.mode == "retrain":
-        path = genotype or str(params.run_dir(v.genotype_from, seed) / "artifacts" /
-                               "genotype.json")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"genotype {path} does not exist: run the PMPL variant "
-                                    f"{v.genotype_from!r} for seed {seed} first")
-        args.update(genotype=Genotype.load(path).to_dict())
-    pmpl = None
-    if v.mode == "pmpl":
-        pmpl = PMPLConfig(**settings.model_dump(), alpha_lr=recipe.alpha_lr,
-                          deadline_epoch=recipe.deadline_epoch)
-    return RunConfig(variant=variant, mode=v.mode, seed=seed, seed_offset=v.seed_offset, out=out,
-                     checkpoints=checkpoints or str(Path(out) / "checkpoints"),
-                     recipe_name=params.recipe, recipe=recipe, model_args=args, pmpl=pmpl,
-                     genotype_from=v.genotype_from if v.mode == "retrain" else None,
-                     data=params.data, train=params.train)

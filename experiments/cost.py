@@ -18,6 +18,7 @@ import torch
 
 from experiments.compare import finished_runs, is_plain_baseline, run_name
 from experiments.config import CostSettings
+from experiments.metrics import RunMetrics, read_metrics
 from metapool.io import atomic_write_csv
 
 
@@ -34,14 +35,14 @@ def load_final_model(run: Path) -> torch.nn.Module:
 
 
 def architectures(runs_dir: str | Path, only: Collection[str] | None = None
-                  ) -> tuple[dict[str, list[str]], dict[str, dict], dict[str, Path]]:
+                  ) -> tuple[dict[str, list[str]], dict[str, RunMetrics], dict[str, Path]]:
     """Distinct architectures of the finished runs: architecture id -> the runs (variant/seedK)
-    that have it, id -> the metrics.json of the first such run, and id -> its folder. The id is
+    that have it, id -> the metrics record of the first such run, and id -> its folder. The id is
     the first run's name; runs share an architecture when ``model_args`` (genotype included)
     are equal."""
     by_args: dict[str, str] = {}
     members: dict[str, list[str]] = {}
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, RunMetrics] = {}
     folders: dict[str, Path] = {}
     for run in finished_runs(runs_dir, only):
         saved = torch.load(run / "artifacts" / "model_final.pt", map_location="cpu",
@@ -50,7 +51,7 @@ def architectures(runs_dir: str | Path, only: Collection[str] | None = None
         arch = by_args.setdefault(key, run_name(run))
         members.setdefault(arch, []).append(run_name(run))
         if arch == run_name(run):
-            metrics[arch] = json.loads((run / "metrics.json").read_text())
+            metrics[arch] = read_metrics(run)
             folders[arch] = run
     return members, metrics, folders
 
@@ -65,10 +66,10 @@ def run_cost(runs_dir: str | Path, out_dir: str | Path, cfg: CostSettings,
     if not members:
         raise FileNotFoundError(f"no finished runs under {runs_dir}: run the training stages first")
     rows: list[dict] = []
-    backbones = sorted({m["backbone"] for m in metrics.values()})
+    backbones = sorted({m.backbone for m in metrics.values()})
     for backbone in backbones:
-        archs = [a for a, m in metrics.items() if m["backbone"] == backbone]
-        refs = [a for a in archs if is_plain_baseline(metrics[a])]
+        archs = [a for a, m in metrics.items() if m.backbone == backbone]
+        refs = [a for a in archs if is_plain_baseline(metrics[a].model_dump())]
         if not refs:
             log(f"cost: no plain baseline of {backbone} among the runs: its "
                 f"{len(archs)} architectures are not timed")

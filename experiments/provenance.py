@@ -48,7 +48,7 @@ OWN_PACKAGES = ("metapool", "data_pipelines", "experiments")
 # the command-line dispatcher imports every sub-command's modules inside its handlers
 DISPATCHER = REPO / "experiments" / "cli.py"
 # what a training run computes with (the import closure of these): its fingerprint's code
-TRAINING_MODULES = ("experiments.train", "experiments.config")
+TRAINING_MODULES = ("experiments.train", "experiments.runs")
 
 
 def module_file(module: str) -> Path | None:

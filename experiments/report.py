@@ -18,7 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.compare import finished_runs, run_folder, run_name  # noqa: F401 (the notebook's)
+from experiments.compare import (  # noqa: F401 (run_folder: the notebook's)
+    PAPER_CLAIMS,
+    finished_runs,
+    run_folder,
+    run_name,
+)
+from experiments.metrics import read_metrics
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "reports" / "report.ipynb"
 
@@ -131,7 +137,7 @@ def environment_table(runs_dir: str | Path, only: Collection[str] | None = None
     commit, lock, versions, device, and which runs (variant/seed) it produced."""
     rows = []
     for folder in finished_runs(runs_dir, only):
-        prov = json.loads((folder / "metrics.json").read_text()).get("provenance") or {}
+        prov = read_metrics(folder).provenance
         run = run_name(folder)
         rows.append({k: prov.get(k) for k in ("git_commit", "git_dirty", "lock_sha256", "python",
                                                "torch", "cuda", "timm", "ffcv", "device_type",
@@ -201,7 +207,7 @@ def genotype_tables(runs_dir: str | Path, only: Collection[str] | None = None
     tables: dict[str, dict[str, dict[str, str]]] = {}
     order: dict[str, list[str]] = {}
     for run in pmpl_runs(runs_dir, only):
-        backbone = json.loads((run / "metrics.json").read_text()).get("backbone", "?")
+        backbone = read_metrics(run).backbone
         geno = json.loads((run / "artifacts" / "genotype.json").read_text())
         column = tables.setdefault(backbone, {}).setdefault(run_name(run), {})
         for layer in geno["layers"]:
@@ -272,12 +278,14 @@ def render_report(params, results_dir: str | Path, out_dir: str | Path,
 
 # ------------------------------------------------------------------ tables for a reader
 # One row per claim of the paper, and per part of its published model: (claim, what the paper
-# says, variant A, variant B)
+# says, variant A, variant B); the paper's numbers are compare.PAPER_CLAIMS
+_GAIN = (f"+{PAPER_CLAIMS['gain']} points ({PAPER_CLAIMS['pmpl_top1']} vs "
+         f"{PAPER_CLAIMS['baseline_top1']}")
 CLAIMS = [
     ("Meta-Pooling (the searched model) beats MobileNetV2 under the same recipe",
-     "+2.3 points (74.6 vs 72.3)", "pmpl", "baseline"),
+     _GAIN + ")", "pmpl", "baseline"),
     ("The authors' published model (11 gates + their head) beats MobileNetV2, same recipe",
-     "+2.3 points (74.6 vs 72.3, under different recipes)", "published", "baseline"),
+     _GAIN + ", under different recipes)", "published", "baseline"),
     ("Their head alone (1x1 conv 1280 -> 1280, h-swish, dropout 0.2)", "(not in the paper)",
      "published-head", "baseline"),
     ("Their 11 output gates alone", "(not in the paper)", "published-gates", "baseline"),
@@ -367,7 +375,7 @@ def summary_table(result: dict) -> pd.DataFrame:
     for variant, name in (("pmpl", "PMPL's top-1"), ("published", "the published model's top-1")):
         v = result["variants"].get(variant)
         if v:
-            rows.append({"claim": name, "paper": "74.6% on ImageNet-1k",
+            rows.append({"claim": name, "paper": f"{PAPER_CLAIMS['pmpl_top1']}% on ImageNet-1k",
                          "measured": f"{pct(v['top1']['mean'])}%",
                          "interval": _interval(*v["top1"]["ci"], v["interval_kind"],
                                                signed=False),
@@ -392,12 +400,13 @@ def summary_table(result: dict) -> pd.DataFrame:
 
 # What the paper's two numbers stand on (METHOD.md sections 4 and 4b): model and recipe
 PAPER_RECIPES = {
-    "baseline": ("72.3", "the Coordinate Attention paper's MobileNetV2 baseline: 200 epochs, "
+    "baseline": (str(PAPER_CLAIMS["baseline_top1"]), "the Coordinate Attention paper's MobileNetV2 baseline: 200 epochs, "
                          "cosine lr, no label smoothing, RandAugment, erasing or mixup"),
-    "published": ("74.6", "procedure B (recipe paper-final): 320 epochs, LAMB, label smoothing "
+    "published": (str(PAPER_CLAIMS["pmpl_top1"]), "procedure B (recipe paper-final): 320 epochs, LAMB, label smoothing "
                           "0.1, RandAugment m9, erasing 0.2, mixup 0.15, float16 AMP"),
     "pmpl": ("-", "the search code's recipe (paper): 250 epochs, LAMB, RandAugment m9, erasing "
-                  "0.2, no mixup; the paper's 74.6 is very likely not this model (METHOD.md 4b)"),
+                  f"0.2, no mixup; the paper's {PAPER_CLAIMS['pmpl_top1']} is very likely not this "
+                  "model (METHOD.md 4b)"),
 }
 
 

@@ -28,10 +28,17 @@ from torch import nn
 
 from data_pipelines.loaders import Streams, build_streams
 from experiments.checkpoint import Checkpoints
-from experiments.config import RunConfig
 from experiments.distributed import Dist, StopSignal, cleanup, cpu_threads, init_distributed
-from metapool.io import atomic_path, atomic_write_csv, atomic_write_text
-from metapool.models import build_model, copy_freezes, enhancers, export_fixed
+from experiments.metrics import RunMetrics, write_metrics
+from experiments.runs import RunConfig
+from metapool.io import atomic_path, atomic_write_csv
+from metapool.models import (
+    build_model,
+    copy_freezes,
+    enhancers,
+    export_fixed,
+    release_unused_parameters,
+)
 from metapool.pmpl import ProgressiveMetaPooling, SearchPhase
 
 
@@ -68,9 +75,25 @@ class Trainer:
         if self.recipe.batch_size % dist.world_size:
             raise ValueError(f"recipes.{run.recipe_name}.batch_size={self.recipe.batch_size} "
                              f"must be divisible by the {dist.world_size} processes")
-        self.data = self._streams(streams)
+        self.data = self.build_streams(streams)
         self.model_args = {**run.model_args, "num_classes": int(self.data.report["classes"])}
-        self._build_model()
+        # in this order: the network is the first (and only) draw from the seeded generator
+        self.net = self.build_net()
+        # While PMPL searches, each freeze changes which parameters get gradients (a frozen
+        # enhancer stops using alpha and its dropped candidates), so DDP must look for unused
+        # parameters; once every layer is frozen the graph is static again (_after_freezes).
+        self.model = self._wrap(searching=run.mode == "pmpl")
+        self.loss_plain, self.mixup, self.loss_mixup = self.build_losses()
+        self.phase = self.build_search()
+        self.optimizer = self.build_optimizer()
+        self.scheduler = self.build_scheduler()
+        self.ema = self.build_ema()
+        self.erasing = self.build_erasing()
+        self.autocast = autocast_for(self.recipe.amp, self.device, self.recipe.amp_dtype)
+        self.scaler = grad_scaler_for(self.recipe.amp, self.device, self.recipe.amp_dtype)
+        # PMPL's bilevel step has no gradient scaler: under float16 it runs in float32, as the
+        # authors' meta trainer did; under bfloat16 it autocasts like the other steps
+        self.search_autocast = self.autocast if self.scaler is None else nullcontext()
         self.ckpts = Checkpoints(run.checkpoints)
         self.history: list[dict] = []
         self.start_epoch, self.skip_steps, self.global_step = 0, 0, 0
@@ -78,78 +101,94 @@ class Trainer:
         self._final_scores: dict | None = None  # the last epoch's evaluation (plain runs)
 
     # ------------------------------------------------------------------ set-up
-    def _streams(self, reusable: Streams | None) -> Streams:
-        run, r = self.run, self.recipe
-        kwargs = dict(img_size=r.img_size, batch_size=r.batch_size // self.dist.world_size,
-                      scale=r.scale, world_size=self.dist.world_size, device=str(self.device),
-                      channels_last=run.train.channels_last,
-                      meta_source=run.pmpl.meta_source if run.pmpl else None,
-                      interpolation=r.interpolation, randaugment=r.randaugment)
-        if reusable is not None:
-            settings = {**reusable.settings, **{k: (list(v) if isinstance(v, tuple) else v)
-                                                for k, v in kwargs.items()}}
-            if settings == reusable.settings and \
-                    reusable.settings["data"] == run.data.model_dump(mode="json"):
-                reusable.reseed(run.rng_seed)
-                return reusable
-        return build_streams(run.data, seed=run.rng_seed, **kwargs)
+    def build_streams(self, reusable: Streams | None) -> Streams:
+        """The run's train, val and (PMPL) query streams, from its data config and recipe."""
+        run = self.run
+        return build_streams(run.data, self.recipe, seed=run.rng_seed,
+                             world_size=self.dist.world_size, device=str(self.device),
+                             channels_last=run.train.channels_last,
+                             meta_source=run.pmpl.meta_source if run.pmpl else None,
+                             reuse=reusable)
 
-    def _build_model(self) -> None:
+    def build_net(self) -> nn.Module:
+        """The run's network (``metapool.models.build_model``), the same initial weights on every
+        rank, SyncBatchNorm when asked under DDP, channels_last when asked."""
+        torch.manual_seed(self.run.rng_seed)
+        net = build_model(**self.model_args).to(self.device)
+        if self.run.train.sync_bn and self.dist.enabled:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if self.run.train.channels_last:
+            # on the CPU too: the enhancers' pooling is memory-bound, 2-3x faster channels_last
+            net = net.to(memory_format=torch.channels_last)
+        return net
+
+    def build_losses(self) -> tuple[nn.Module, object | None, nn.Module | None]:
+        """The plain loss (label smoothing), and timm's ``Mixup`` with the soft-target loss it
+        needs when the recipe mixes (label smoothing then goes through the soft targets)."""
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
-        from timm.optim import create_optimizer_v2, param_groups_weight_decay
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
 
-        r, run = self.recipe, self.run
-        torch.manual_seed(run.rng_seed)  # the same initial weights on every rank
-        self.net = build_model(**self.model_args).to(self.device)
-        if run.train.sync_bn and self.dist.enabled:
-            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-        if run.train.channels_last:
-            # on the CPU too: the enhancers' pooling is memory-bound, 2-3x faster channels_last
-            self.net = self.net.to(memory_format=torch.channels_last)
-        # While PMPL searches, each freeze changes which parameters get gradients (a frozen
-        # enhancer stops using alpha and its dropped candidates), so DDP must look for unused
-        # parameters; once every layer is frozen the graph is static again (_after_freezes).
-        self.model = self._wrap(searching=run.mode == "pmpl")
-        self.loss_plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
-        self.mixup = None
-        if r.mixup > 0 or r.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix,
-                               label_smoothing=r.label_smoothing,
-                               num_classes=self.model_args["num_classes"])
-            self.loss_mixup = SoftTargetCrossEntropy()
-        self.phase = None
+        r = self.recipe
+        plain = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        if r.mixup <= 0 and r.cutmix <= 0:
+            return plain, None, None
+        mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix,
+                      label_smoothing=r.label_smoothing,
+                      num_classes=self.model_args["num_classes"])
+        return plain, mixup, SoftTargetCrossEntropy()
+
+    def build_search(self) -> SearchPhase | None:
+        """PMPL's search over the query stream (alpha and its own optimizer), for PMPL runs."""
+        run = self.run
+        if run.mode != "pmpl":
+            return None
+        return SearchPhase(
+            ProgressiveMetaPooling(self.model, run.pmpl, self.loss_plain), self.data.meta,
+            permute_labels_seed=run.rng_seed if run.pmpl.meta_labels == "permuted" else None)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer (timm's) over the weights, no weight decay on norms and
+        biases, the learning rate scaled linearly with the global batch; alpha is not in it."""
+        from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+        r = self.recipe
         groups = param_groups_weight_decay(self.net, r.weight_decay)
-        if run.mode == "pmpl":
-            self.phase = SearchPhase(
-                ProgressiveMetaPooling(self.model, run.pmpl, self.loss_plain), self.data.meta,
-                permute_labels_seed=run.rng_seed if run.pmpl.meta_labels == "permuted" else None)
-            alphas = {id(a) for a in self.phase.search.alphas}  # alpha has its own optimizer
-            groups = [{**g, "params": [p for p in g["params"] if id(p) not in alphas]}
+        if self.phase is not None:
+            weights = {id(p) for p in self.phase.search.weight_parameters()}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) in weights]}
                       for g in groups]
-        self.optimizer = create_optimizer_v2(
+        return create_optimizer_v2(
             groups, opt=r.opt, lr=r.lr * r.batch_size / r.lr_base_batch,
             weight_decay=r.weight_decay, momentum=r.momentum,
             **({"eps": r.opt_eps} if r.opt_eps is not None else {}))
-        self.scheduler, _ = create_scheduler_v2(
+
+    def build_scheduler(self):
+        """timm's scheduler for the recipe, stepped per epoch or per update."""
+        from timm.scheduler import create_scheduler_v2
+
+        r = self.recipe
+        scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=r.sched, num_epochs=r.epochs, decay_epochs=r.decay_epochs,
             decay_rate=r.decay_rate, min_lr=r.min_lr, warmup_lr=r.warmup_lr,
             warmup_epochs=r.warmup_epochs, cooldown_epochs=0,
             noise=list(r.lr_noise) if r.lr_noise else None,
             step_on_epochs=not r.sched_on_updates, updates_per_epoch=len(self.data.train))
-        self.ema = ModelEmaV3(self.net, decay=r.ema_decay) if r.ema_decay > 0 else None
-        self.erasing = None
-        if r.reprob > 0:
-            from timm.data.random_erasing import RandomErasing
+        return scheduler
 
-            self.erasing = RandomErasing(r.reprob, mode="pixel", device=str(self.device))
-        self.autocast = autocast_for(r.amp, self.device, r.amp_dtype)
-        self.scaler = grad_scaler_for(r.amp, self.device, r.amp_dtype)
-        # PMPL's bilevel step has no gradient scaler: under float16 it runs in float32, as the
-        # authors' meta trainer did; under bfloat16 it autocasts like the other steps
-        self.search_autocast = self.autocast if self.scaler is None else nullcontext()
+    def build_ema(self):
+        """timm's ``ModelEmaV3`` of the weights when the recipe keeps one."""
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(self.net, decay=self.recipe.ema_decay) \
+            if self.recipe.ema_decay > 0 else None
+
+    def build_erasing(self):
+        """timm's per-pixel random erasing of training batches when the recipe asks for it."""
+        if self.recipe.reprob <= 0:
+            return None
+        from timm.data.random_erasing import RandomErasing
+
+        return RandomErasing(self.recipe.reprob, mode="pixel", device=str(self.device))
 
     def _wrap(self, searching: bool) -> nn.Module:
         """``self.net`` under DDP when distributed, and torch.compile when asked (GPU)."""
@@ -170,8 +209,7 @@ class Trainer:
             copy_freezes(self.net, self.ema.module)
         if self.phase.active:
             return
-        for p in self.phase.unused_parameters():
-            p.requires_grad_(False)
+        release_unused_parameters(self.net)
         self.model = self._wrap(searching=False)
         if self.dist.enabled and self.dist.is_main:
             print(f"search ended at step {self.global_step}: DDP rebuilt with "
@@ -233,7 +271,7 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    def fit(self) -> RunMetrics | None:
         resumed = self.resume()
         if not self.dist.same_everywhere([self.start_epoch, self.skip_steps, self.global_step]):
             # DDP does not re-broadcast weights after construction: ranks resuming from
@@ -450,8 +488,9 @@ class Trainer:
             result["predictions"] = rows[:, 1:]  # (label, prediction) in val order
         return result
 
-    def finish(self) -> dict:
-        """Final evaluation (every rank: the val set is sharded) and, on rank 0, every output."""
+    def finish(self) -> RunMetrics | None:
+        """Final evaluation (every rank: the val set is sharded) and, on rank 0, every output
+        (other ranks: None)."""
         final_net, model_args = self.ema.module if self.ema else self.net, self.model_args
         genotype = None
         if self.phase is not None:
@@ -462,12 +501,10 @@ class Trainer:
             model_args = {**model_args, "enhancer": "fixed", "genotype": genotype.to_dict()}
             model_args.pop("candidates", None)
         result = self._final_scores or self.evaluate(final_net, predictions=True)
-        return self.dist.on_main(self._write_outputs, final_net, model_args, genotype, result) \
-            or {}
+        return self.dist.on_main(self._write_outputs, final_net, model_args, genotype, result)
 
-    def _write_outputs(self, final_net: nn.Module, model_args: dict, genotype, result: dict) -> dict:
-        from metapool.profile import profile_model
-
+    def _write_outputs(self, final_net: nn.Module, model_args: dict, genotype,
+                       result: dict) -> RunMetrics:
         art = self.out / "artifacts"
         art.mkdir(parents=True, exist_ok=True)
         if genotype is not None:
@@ -486,29 +523,29 @@ class Trainer:
             # build_model(**saved["model_args"]) rebuilds any saved model
             torch.save({"model_args": model_args, "variant": self.run.variant,
                         "mode": self.run.mode, "state_dict": cpu_net.state_dict()}, tmp)
-        prof = profile_model(cpu_net, self.run.variant, 224)
-        metrics = {
-            **result,
-            "params": prof.params, "macs_224": prof.macs,
-            "macs_train_res": profile_model(cpu_net, "", self.recipe.img_size).macs,
-            "train_seconds": self.train_seconds,
-            "train_images_per_s": self.images_seen / max(self.train_seconds, 1e-9),
-            "epochs": self.recipe.epochs, "img_size": self.recipe.img_size,
-            "recipe": self.run.recipe_name,
-            "dataset": self.data.report.get("dataset", "unknown"),
-            "seed": self.run.seed, "mode": self.run.mode, "variant": self.run.variant,
-            "backbone": self.model_args["backbone"],
-            "genotype_from": self.run.genotype_from,
-            "head": self.model_args.get("head", "plain"),
-            "output_gates": bool(self.model_args.get("output_gates", False)),
-            "world_size": self.dist.world_size,
-            "ema": self.ema is not None,
-        }
-        if genotype is not None:
-            metrics["frozen_ops"] = genotype.ops_by_layer()
-        metrics["provenance"] = self.provenance
-        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        metrics = self.run_metrics(cpu_net, genotype, result)
+        write_metrics(self.out / "metrics.json", metrics)
         return metrics
+
+    def run_metrics(self, cpu_net: nn.Module, genotype, result: dict) -> RunMetrics:
+        """The run's record (``experiments.metrics``): ``result``'s scores, the final model's
+        cost, how it was trained and where."""
+        from metapool.profile import profile_model
+
+        prof = profile_model(cpu_net, self.run.variant, 224)
+        run, args = self.run, self.model_args
+        return RunMetrics(
+            **result, params=prof.params, macs_224=prof.macs,
+            macs_train_res=profile_model(cpu_net, "", self.recipe.img_size).macs,
+            train_seconds=self.train_seconds,
+            train_images_per_s=self.images_seen / max(self.train_seconds, 1e-9),
+            epochs=self.recipe.epochs, img_size=self.recipe.img_size, recipe=run.recipe_name,
+            dataset=self.data.report.get("dataset", "unknown"), seed=run.seed, mode=run.mode,
+            variant=run.variant, backbone=args["backbone"], genotype_from=run.genotype_from,
+            head=args.get("head", "plain"), output_gates=bool(args.get("output_gates", False)),
+            world_size=self.dist.world_size, ema=self.ema is not None,
+            frozen_ops=genotype.ops_by_layer() if genotype is not None else None,
+            provenance=self.provenance)
 
 
 def keep_freed_memory() -> None:
@@ -529,9 +566,9 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
-def run_training(runs: RunConfig | list[RunConfig]) -> list[dict]:
+def run_training(runs: RunConfig | list[RunConfig]) -> list[RunMetrics | None]:
     """Train runs one after the other in this process (under torchrun when ``WORLD_SIZE`` is
-    set); rank 0 returns their metrics. Runs with the same data settings share the data
+    set); rank 0 returns their metrics (other ranks None each). Runs with the same data settings share the data
     streams, reseeded, and every run computes what it would compute alone."""
     runs = [runs] if isinstance(runs, RunConfig) else runs
     dist = init_distributed(runs[0].train.device if runs else "auto")

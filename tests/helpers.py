@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
 from torch import nn
 
+from data_pipelines.loaders import LoaderConfig
 from metapool.enhancer import MetaPoolEnhancer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,3 +100,19 @@ def assert_same_metrics(a: Path, b: Path) -> None:
     mb = json.loads((b / "metrics.json").read_text())
     for key in ("top1", "top5", "val_loss"):
         assert ma[key] == mb[key], key
+
+
+def loader_config(img_size: int, batch_size: int, workers: int, seed: int = 0,
+                  **settings) -> LoaderConfig:
+    """A single-process CPU stream's settings for a test (``LoaderConfig`` has no defaults)."""
+    base = dict(scale=(0.08, 1.0), distributed=False, channels_last=False, device="cpu",
+                interpolation="bilinear", randaugment="")
+    return LoaderConfig(img_size=img_size, batch_size=batch_size, workers=workers, seed=seed,
+                        **{**base, **settings})
+
+
+def stream_recipe(img_size: int, batch_size: int, scale: tuple[float, float] = (0.08, 1.0),
+                  interpolation: str = "bilinear", randaugment: str = "") -> SimpleNamespace:
+    """What ``build_streams`` reads of a recipe (``data_pipelines.loaders.StreamRecipe``)."""
+    return SimpleNamespace(img_size=img_size, batch_size=batch_size, scale=scale,
+                           interpolation=interpolation, randaugment=randaugment)

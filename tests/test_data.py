@@ -11,11 +11,12 @@ from PIL import Image
 
 from data_pipelines.betons import check_image, check_images, screen_image, write_betons
 from data_pipelines.config import DataConfig, WriterConfig
-from data_pipelines.loaders import LoaderConfig, build_streams, ffcv_stream, torchvision_stream
+from data_pipelines.loaders import build_streams, ffcv_stream, torchvision_stream
 from data_pipelines.manifest import build_subset, split_meta
 from data_pipelines.prepare import prepare
 from data_pipelines.prepared import load_rgb, read_manifest, write_manifest
 from data_pipelines.synthetic import CLASS_NAMES, generate
+from tests.helpers import loader_config, stream_recipe
 
 WNIDS = ["n01000001", "n01000002", "n01000003"]
 
@@ -213,7 +214,7 @@ def test_beton_round_trip_and_loader(tmp_path):
     assert images[0].shape == (25, 32, 3)  # max_resolution 32 caps the longer side: 40x32 -> 32x25
     threads = torch.get_num_threads()
     stream = ffcv_stream(str(tmp_path / "out" / "train.beton"), True,
-                         LoaderConfig(img_size=24, batch_size=6, workers=1, seed=0))
+                         loader_config(img_size=24, batch_size=6, workers=1, seed=0))
     batches = list(stream)
     assert torch.get_num_threads() == threads
     x, y = batches[0]
@@ -221,11 +222,11 @@ def test_beton_round_trip_and_loader(tmp_path):
     assert -3 < float(x.mean()) < 3 and float(x.std()) > 0.05  # normalised, not 0..255
     # the crops are seeded: a second loader with the same seed yields identical batches
     again = list(ffcv_stream(str(tmp_path / "out" / "train.beton"), True,
-                             LoaderConfig(img_size=24, batch_size=6, workers=1, seed=0)))
+                             loader_config(img_size=24, batch_size=6, workers=1, seed=0)))
     for (a, _), (b, _) in zip(batches, again, strict=True):
         assert torch.equal(a, b)
     tv = list(torchvision_stream([r for r in records if r.split == "val"], False,
-                                 LoaderConfig(img_size=24, batch_size=9, workers=0)))
+                                 loader_config(img_size=24, batch_size=9, workers=0)))
     assert tv[0][0].shape == (9, 3, 24, 24)
 
 
@@ -270,18 +271,19 @@ def test_build_streams_reads_the_splits_of_the_manifest(tmp_path, backend):
                       writer={"workers": 1}, loader={"backend": backend, "workers": 0})
     prepare(data.out_dir, data)
     manifest = read_manifest(tmp_path / "out" / "manifest.csv")
-    kw = dict(img_size=16, batch_size=4, scale=(0.5, 1.0), seed=0)
-    streams = build_streams(data, **kw, meta_source="heldout")
+    recipe, kw = stream_recipe(img_size=16, batch_size=4, scale=(0.5, 1.0)), dict(seed=0)
+    streams = build_streams(data, recipe, **kw, meta_source="heldout")
     assert type(streams.train).__name__.lower().startswith(backend)
     sizes = {name: getattr(streams, name).num_samples for name in ("train", "meta", "val")}
     assert sizes == {s: sum(r.split == s for r in manifest) for s in ("train", "meta", "val")}
     labels = sorted(int(v) for _, y in streams.val for v in y)
     assert labels == sorted(r.label for r in manifest if r.split == "val")
-    assert build_streams(data, **kw).meta is None  # no search, no query stream
-    leak = build_streams(data, **kw, meta_source="val").meta
+    assert build_streams(data, recipe, **kw).meta is None  # no search, no query stream
+    leak = build_streams(data, recipe, **kw, meta_source="val").meta
     assert leak.num_samples == sizes["val"]  # the reference code's leak: alpha on val
     with pytest.raises(ValueError, match="too few for a query batch: raise data.meta_split"):
-        build_streams(data, **{**kw, "img_size": 16}, world_size=4, meta_source="heldout")
+        build_streams(data, stream_recipe(img_size=16, batch_size=16), **kw, world_size=4,
+                      meta_source="heldout")
 
 
 def test_writer_mode_is_applied(tmp_path):

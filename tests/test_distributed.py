@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from experiments.distributed import free_port
-from tests.helpers import REPO, assert_same_metrics, metapool, signal_after_checkpoint, write_params
+from tests.helpers import (
+    REPO,
+    assert_same_metrics,
+    loader_config,
+    metapool,
+    signal_after_checkpoint,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -173,13 +180,13 @@ def test_reported_accuracy_is_that_of_the_saved_model(tiny_ddp):
     import torch
     import torch.nn.functional as F
 
-    from data_pipelines.loaders import LoaderConfig, ffcv_stream
+    from data_pipelines.loaders import ffcv_stream
     from experiments.cost import load_final_model
 
     root, _, out, _ = tiny_ddp
     model = load_final_model(out)
     stream = ffcv_stream(str(root / "data" / "val.beton"), False,
-                         LoaderConfig(img_size=32, batch_size=4, workers=1))
+                         loader_config(img_size=32, batch_size=4, workers=1))
     preds, loss_sum = [], 0.0
     with torch.no_grad():
         for x, y in stream:

@@ -16,7 +16,8 @@ from tests.test_layout import OWN
 # the dispatcher's own lazy imports are those of every sub-command and are not followed)
 COMMANDS = {
     "data prepare": ["experiments.cli", "experiments.config", "data_pipelines.prepare"],
-    "train": ["experiments.cli", "experiments.config", "experiments.launch", "experiments.train"],
+    "train": ["experiments.cli", "experiments.config", "experiments.runs", "experiments.launch",
+              "experiments.train"],
     "cost": ["experiments.cli", "experiments.config", "experiments.cost"],
     "compare": ["experiments.cli", "experiments.config", "experiments.compare"],
     "report": ["experiments.cli", "experiments.config", "experiments.report"],

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from data_pipelines.loaders import build_streams
 from data_pipelines.resize import BICUBIC, BILINEAR
-from experiments.config import load_params, resolve_run
+from experiments.config import load_params
 from experiments.distributed import Dist, StopSignal
+from experiments.runs import resolve_run
 from experiments.train import Trainer, autocast_for, grad_scaler_for
 from tests.helpers import metapool, write_params
 
@@ -125,8 +126,8 @@ def test_paper_augmentation_reaches_the_images(data, backend):
     if backend == "ffcv":
         # the same order and crops without RandAugment (the decoder's crops are seeded by the
         # batch, RandAugment draws from its own generator): only RandAugment can differ
-        plain = build_streams(tr.run.data, img_size=32, batch_size=8, scale=(0.08, 1.0),
-                              seed=run_seed(tr), interpolation="bicubic")
+        plain = build_streams(tr.run.data, tr.recipe.model_copy(update={"randaugment": ""}),
+                              seed=run_seed(tr))
         differs = (with_ra != first_batch(plain.train)).flatten(1).any(dim=1)
     else:
         # timm's transforms draw crop, flip and RandAugment from one RNG: reseed it per image

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def test_repository_params_are_valid():
 
 
 def test_controls_are_the_baseline_but_for_their_one_knob():
-    from experiments.config import resolve_run
+    from experiments.runs import resolve_run
 
     params = load_params(REPO / "params.yaml")
     base, aa, short = (resolve_run(params, v, 3) for v in ("baseline", "baseline-aa",
@@ -177,7 +178,7 @@ def test_without_ffcv_prepare_writes_the_manifest_for_the_torchvision_loader(tmp
 
     from data_pipelines.loaders import build_streams
     from data_pipelines.prepare import prepare
-    from tests.helpers import write_params
+    from tests.helpers import stream_recipe, write_params
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -189,14 +190,15 @@ def test_without_ffcv_prepare_writes_the_manifest_for_the_torchvision_loader(tmp
     assert (tmp_path / "data" / "manifest.csv").is_file()
     assert not list((tmp_path / "data").glob("*.beton"))
     assert report["images"]["train"] > 0
-    streams = build_streams(params.data, img_size=32, batch_size=4, scale=(0.8, 1.0), seed=0)
+    streams = build_streams(params.data, stream_recipe(img_size=32, batch_size=4, scale=(0.8, 1.0)),
+                            seed=0)
     x, y = next(iter(streams.train))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
 
 
 def test_a_runs_fingerprint_changes_with_its_code(monkeypatch):
     from experiments import provenance
-    from experiments.config import resolve_run
+    from experiments.runs import resolve_run
 
     run = resolve_run(load_params(REPO / "params.yaml"), "baseline", 0)
     report = {"images": {"train": 10}, "data_id": "x"}
@@ -204,3 +206,27 @@ def test_a_runs_fingerprint_changes_with_its_code(monkeypatch):
     assert run.fingerprint(1, report) == before  # deterministic
     monkeypatch.setattr(provenance, "code_sha256", lambda *a: "other code")
     assert run.fingerprint(1, report) != before
+
+
+def test_metrics_json_is_one_record_written_and_read_back(tmp_path):
+    from experiments.metrics import RunMetrics, read_metrics, write_metrics
+
+    fields = dict(top1=50.0, top5=90.0, val_loss=1.5, params=3_504_872, macs_224=300_774_272,
+                  macs_train_res=12_000_000, train_seconds=10.0, train_images_per_s=400.0,
+                  epochs=4, img_size=48, recipe="default", dataset="generated", seed=0,
+                  mode="baseline", variant="baseline", backbone="mobilenetv2_100",
+                  genotype_from=None, head="plain", output_gates=False, world_size=1, ema=False,
+                  provenance={"git_commit": "abc"})
+    write_metrics(tmp_path / "metrics.json", RunMetrics(**fields))
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(data) == list(fields)  # no frozen_ops key where no search ran
+    assert read_metrics(tmp_path) == read_metrics(tmp_path / "metrics.json") == RunMetrics(**fields)
+    searched = RunMetrics(**fields, frozen_ops={"blocks.1.0": ["max_pool_3x3"]})
+    write_metrics(tmp_path / "metrics.json", searched)
+    assert read_metrics(tmp_path).frozen_ops == {"blocks.1.0": ["max_pool_3x3"]}
+    # a file of another shape (a renamed key) is a one-line error naming the file and the key
+    data["top_1"] = data.pop("top1")
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"metrics.json is not a metrics record of this suite "
+                                         r"\(top1: Field required\): rerun"):
+        read_metrics(tmp_path)

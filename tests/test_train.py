@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.config import load_params, resolve_run
+from experiments.config import load_params
 from experiments.distributed import Dist, StopSignal, cpu_threads
+from experiments.runs import resolve_run
 from experiments.train import Trainer
 from tests.helpers import assert_same_metrics, metapool, signal_after_checkpoint, write_params
 
@@ -306,5 +307,5 @@ def test_a_run_without_dvclive_still_writes_its_metrics(tiny, monkeypatch, capsy
     run = resolve_run(load_params(params, ["recipes.default.epochs=1"]), "baseline", 0, str(out))
     metrics = Trainer(run, Dist()).fit()
     assert "dvclive is not installed" in capsys.readouterr().out
-    assert (out / "metrics.json").is_file() and metrics["epochs"] == 1
+    assert (out / "metrics.json").is_file() and metrics.epochs == 1
     assert not (out / "live").exists()

@@ -40,13 +40,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.loaders import LoaderConfig, ffcv_stream, torchvision_stream
+from data_pipelines.loaders import (
+    RATIO,
+    VAL_RATIO,
+    LoaderConfig,
+    ffcv_stream,
+    torchvision_stream,
+)
 from data_pipelines.prepared import read_manifest
 
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -92,12 +99,12 @@ def crop_resize(img: Image.Image, box: tuple[float, float, float, float], size: 
 def _train_box(img: Image.Image, cfg: LoaderConfig) -> tuple[int, int, int, int]:
     from torchvision.transforms import RandomResizedCrop
 
-    top, left, h, w = RandomResizedCrop.get_params(img, list(cfg.scale), list(cfg.ratio))
+    top, left, h, w = RandomResizedCrop.get_params(img, list(cfg.scale), list(RATIO))
     return left, top, left + w, top + h
 
 
 def _centre_box(img: Image.Image, cfg: LoaderConfig) -> tuple[float, float, float, float]:
-    side = min(img.width, img.height) * cfg.val_ratio
+    side = min(img.width, img.height) * VAL_RATIO
     x0, y0 = (img.width - side) / 2, (img.height - side) / 2
     return x0, y0, x0 + side, y0 + side
 
@@ -205,7 +212,7 @@ def measure(data: Path, train: bool, cfg: LoaderConfig, epochs: int,
     split = "train" if train else "val"
     records = [r for r in read_manifest(data / "manifest.csv") if r.split == split]
     beton = data / f"{split}.beton"
-    tv_cfg = LoaderConfig(**{**vars(cfg), "randaugment": randaugment if train else ""})
+    tv_cfg = replace(cfg, randaugment=randaugment if train else "")
     ways: dict[str, Callable[[], Iterable]] = {
         "ffcv": ffcv_stream(str(beton), train, cfg, drop_last=False).loader.__iter__,
         "torchvision": torchvision_stream(records, train, tv_cfg, drop_last=False).__iter__,
@@ -215,7 +222,7 @@ def measure(data: Path, train: bool, cfg: LoaderConfig, epochs: int,
     if train:
         ways["decode_only_beton"] = decode_only(beton)
     if train and randaugment:
-        ra_cfg = LoaderConfig(**{**vars(cfg), "randaugment": randaugment})
+        ra_cfg = replace(cfg, randaugment=randaugment)
         # the batched RandAugment and the normalisation, here on the CPU (the batch's device)
         ways["ffcv_randaugment"] = ffcv_stream(str(beton), True, ra_cfg, drop_last=False).__iter__
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
@@ -265,8 +272,9 @@ def main() -> None:
     torch.set_num_threads(1)
     np.random.seed(0)
     torch.manual_seed(0)
-    base = dict(batch_size=args.batch, workers=args.workers, seed=0,
-                interpolation=args.interpolation)
+    base = dict(batch_size=args.batch, workers=args.workers, scale=(0.08, 1.0), seed=0,
+                distributed=False, channels_last=False, device="cpu",
+                interpolation=args.interpolation, randaugment="")
     for size in (int(s) for s in args.sizes.split(",") if s):
         print(json.dumps(measure(data, True, LoaderConfig(img_size=size, **base), args.epochs,
                                  args.randaugment)), flush=True)

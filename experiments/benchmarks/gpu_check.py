@@ -214,6 +214,7 @@ def correctness(device: torch.device, sizes: dict, compile_backend: str) -> dict
 def end_to_end(out: Path, sizes: dict, port: int | None = None) -> dict:
     """A generated dataset and two short runs through torchrun (1 process: the NCCL path)."""
     from experiments.distributed import free_port
+    from experiments.metrics import read_metrics
 
     port = port or free_port()
     # data and runs outside OUT: only the logs come back (the device tool returns few files)
@@ -244,7 +245,7 @@ def end_to_end(out: Path, sizes: dict, port: int | None = None) -> dict:
         log = proc.stdout + proc.stderr
         (out / f"train_{variant}.log").write_text(log)
         found = sorted((work / "runs").glob(f"*/{variant}/seed0/metrics.json"))  # runs/GROUP/...
-        metrics = json.loads(found[0].read_text()) if found else {}
+        metrics = read_metrics(found[0]).model_dump() if found else {}
         runs[variant] = {
             "exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
             "epoch_lines": [json.loads(line) for line in log.splitlines()

@@ -20,8 +20,9 @@ import tempfile
 import time
 
 from experiments.benchmarks.reference import reference_rate
-from experiments.config import load_params, resolve_run
+from experiments.config import load_params
 from experiments.distributed import Dist, StopSignal
+from experiments.runs import resolve_run
 from experiments.train import Trainer, keep_freed_memory
 
 
