@@ -73,7 +73,11 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
         try:
             v = Variant(mode=mode or "baseline")
         except ValidationError as exc:
-            raise ValueError(format_error(exc, Variant, ("--mode",))) from None
+            message = format_error(exc, Variant)
+            # a bad mode names the flag; a mode that needs a variant's keys says so
+            raise ValueError(f"--{message}" if message.startswith("mode=") else
+                             f"--mode {mode}: {message} (define a variant in params.yaml and "
+                             "train it with --variant)") from None
         variant = v.mode
     settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
     recipe = params.variant_recipe(variant)

@@ -116,3 +116,18 @@ def stream_recipe(img_size: int, batch_size: int, scale: tuple[float, float] = (
     """What ``build_streams`` reads of a recipe (``data_pipelines.loaders.StreamRecipe``)."""
     return SimpleNamespace(img_size=img_size, batch_size=batch_size, scale=scale,
                            interpolation=interpolation, randaugment=randaugment)
+
+
+def write_run_metrics(run: Path, **fields) -> Path:
+    """A finished run's ``metrics.json`` (``experiments.metrics.RunMetrics``): ``fields`` over
+    placeholder values, for tests of what reads runs."""
+    from experiments.metrics import RunMetrics, write_metrics
+
+    base = dict(top1=50.0, top5=90.0, val_loss=1.0, params=1, macs_224=1, macs_train_res=1,
+                train_seconds=1.0, train_images_per_s=1.0, epochs=1, img_size=32,
+                recipe="default", dataset="generated", seed=0, mode="baseline",
+                variant="baseline", backbone="mobilenetv2_100", genotype_from=None, head="plain",
+                output_gates=False, world_size=1, ema=False, provenance={})
+    run.mkdir(parents=True, exist_ok=True)
+    write_metrics(run / "metrics.json", RunMetrics(**{**base, **fields}))
+    return run / "metrics.json"

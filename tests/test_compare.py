@@ -23,6 +23,7 @@ from experiments.compare import (
     summarize,
 )
 from metapool.receptive_field import effective_rf, erf_extent, support_side, theoretical_rf
+from tests.helpers import write_run_metrics
 
 FAST = CompareSettings(resamples=2000, min_seeds=5)
 
@@ -220,7 +221,6 @@ def test_compare_pairs_the_shared_seeds():
 
 def test_runs_left_from_an_earlier_configuration_stay_out(tmp_path):
     # `dvc exp run -S seeds=[0,1]` and back to [0]: runs/<variant>/seed1 is still on disk
-    import json
 
     from experiments.compare import run_compare
     from experiments.config import Params
@@ -229,11 +229,9 @@ def test_runs_left_from_an_earlier_configuration_stay_out(tmp_path):
     for variant, seed, top1 in (("baseline", 0, 70.0), ("pmpl", 0, 60.0), ("pmpl", 1, 99.0)):
         run = tmp_path / "runs" / variant / f"seed{seed}"
         (run / "live" / "plots" / "metrics").mkdir(parents=True)
-        (run / "metrics.json").write_text(json.dumps(
-            {"top1": top1, "top5": 99.0, "mode": "pmpl" if variant == "pmpl" else "baseline",
-             "backbone": "mobilenetv2_100", "provenance": {"git_commit": variant},
-             "params": 1, "macs_224": 1, "cpu_latency_ms_224": 1.0, "train_seconds": 1.0,
-             "train_images_per_s": 1.0}))
+        write_run_metrics(run, top1=top1, top5=99.0, variant=variant, seed=seed,
+                          mode="pmpl" if variant == "pmpl" else "baseline",
+                          provenance={"git_commit": variant})
         (run / "live" / "plots" / "metrics" / "top1.tsv").write_text(f"step\ttop1\n0\t{top1}\n")
     params = Params(seeds=[0], control_seeds=[0, 1, 2, 3, 4],
                     variants={"baseline": {}, "pmpl": {"mode": "pmpl"}},

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
 import sysconfig
 from pathlib import Path
@@ -11,6 +10,7 @@ import pandas as pd
 
 from experiments.provenance import LOCK, lock_hash
 from experiments.report import environment_table, environment_warning
+from tests.helpers import write_run_metrics
 
 IGNORED = {"pip", "metapool"}  # the installer itself, and the project (installed --no-deps)
 
@@ -48,11 +48,9 @@ def test_installed_environment_matches_the_lock():
 
 def test_environment_table_warns_when_runs_mix_environments(tmp_path):
     def run(variant: str, commit: str, device: str) -> None:
-        path = tmp_path / variant / "seed0" / "metrics.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"top1": 1.0, "provenance": {
+        write_run_metrics(tmp_path / variant / "seed0", top1=1.0, variant=variant, provenance={
             "git_commit": commit * 40, "git_dirty": False, "lock_sha256": lock_hash(),
-            "torch": "2.14.1", "device_type": device, "device_name": device}}))
+            "torch": "2.14.1", "device_type": device, "device_name": device})
 
     run("baseline", "a", "cuda")
     run("pmpl", "a", "cuda")

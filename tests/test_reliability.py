@@ -230,3 +230,15 @@ def test_metrics_json_is_one_record_written_and_read_back(tmp_path):
     with pytest.raises(ValueError, match=r"metrics.json is not a metrics record of this suite "
                                          r"\(top1: Field required\): rerun"):
         read_metrics(tmp_path)
+
+
+def test_a_bad_mode_is_one_line_naming_the_flag(tmp_path):
+    proc = metapool("train", "--params", str(REPO / "params.yaml"), "--mode", "bogus",
+                    "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("metapool train: error: --mode='bogus' is invalid: choose "
+                                   "from baseline, pmpl, retrain, fixed, attention")
+    proc = metapool("train", "--params", str(REPO / "params.yaml"), "--mode", "fixed",
+                    "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2 and "--mode fixed: fixed_op=None is invalid" in proc.stderr
+    assert not (tmp_path / "run").exists()

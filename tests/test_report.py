@@ -16,6 +16,7 @@ from experiments.compare import compare_all, write_results
 from experiments.config import CompareSettings
 from metapool.models import slot_names
 from metapool.receptive_field import enhancer_map_sizes
+from tests.helpers import write_run_metrics
 
 CFG = CompareSettings(resamples=200, min_seeds=5,
                       controls=[("baseline-aa", "baseline", "no difference")])
@@ -131,7 +132,7 @@ def _write_run(root: Path, variant: str, seed: int, backbone: str, geno: dict) -
     folder = root / "search" / variant / f"seed{seed}"
     (folder / "artifacts").mkdir(parents=True)
     (folder / "artifacts" / "genotype.json").write_text(json.dumps(geno))
-    (folder / "metrics.json").write_text(json.dumps({"backbone": backbone, "top1": 1.0}))
+    write_run_metrics(folder, backbone=backbone, top1=1.0, mode="pmpl", variant=variant, seed=seed)
 
 
 def test_every_backbone_gets_a_genotype_table_with_its_own_layers(tmp_path):
