@@ -379,7 +379,7 @@ class Streams:
 
 def streams_key(data: DataConfig, cfg: LoaderConfig, meta_source: str | None) -> dict:
     """What a run's streams are built from, but the seed (``Streams.key``)."""
-    return {"data": data.model_dump(mode="json"), "loader": {**asdict(replace(cfg, seed=0))},
+    return {"data": data.model_dump(mode="json"), "loader": asdict(replace(cfg, seed=0)),
             "meta_source": meta_source}
 
 

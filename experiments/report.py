@@ -400,10 +400,12 @@ def summary_table(result: dict) -> pd.DataFrame:
 
 # What the paper's two numbers stand on (METHOD.md sections 4 and 4b): model and recipe
 PAPER_RECIPES = {
-    "baseline": (str(PAPER_CLAIMS["baseline_top1"]), "the Coordinate Attention paper's MobileNetV2 baseline: 200 epochs, "
-                         "cosine lr, no label smoothing, RandAugment, erasing or mixup"),
-    "published": (str(PAPER_CLAIMS["pmpl_top1"]), "procedure B (recipe paper-final): 320 epochs, LAMB, label smoothing "
-                          "0.1, RandAugment m9, erasing 0.2, mixup 0.15, float16 AMP"),
+    "baseline": (str(PAPER_CLAIMS["baseline_top1"]),
+                 "the Coordinate Attention paper's MobileNetV2 baseline: 200 epochs, cosine lr, "
+                 "no label smoothing, RandAugment, erasing or mixup"),
+    "published": (str(PAPER_CLAIMS["pmpl_top1"]),
+                  "procedure B (recipe paper-final): 320 epochs, LAMB, label smoothing 0.1, "
+                  "RandAugment m9, erasing 0.2, mixup 0.15, float16 AMP"),
     "pmpl": ("-", "the search code's recipe (paper): 250 epochs, LAMB, RandAugment m9, erasing "
                   f"0.2, no mixup; the paper's {PAPER_CLAIMS['pmpl_top1']} is very likely not this "
                   "model (METHOD.md 4b)"),

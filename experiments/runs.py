@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -70,14 +70,14 @@ def resolve_run(params: Params, variant: str | None, seed: int, out: str | None 
             raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(params.variants)}")
         v = params.variants[variant]
     else:
+        mode = mode or "baseline"
+        if mode not in get_args(Mode):
+            raise ValueError(f"--mode={mode!r} is invalid: choose from {', '.join(get_args(Mode))}")
         try:
-            v = Variant(mode=mode or "baseline")
-        except ValidationError as exc:
-            message = format_error(exc, Variant)
-            # a bad mode names the flag; a mode that needs a variant's keys says so
-            raise ValueError(f"--{message}" if message.startswith("mode=") else
-                             f"--mode {mode}: {message} (define a variant in params.yaml and "
-                             "train it with --variant)") from None
+            v = Variant(mode=mode)
+        except ValidationError as exc:  # a mode that needs keys only a variant can give
+            raise ValueError(f"--mode {mode}: {format_error(exc, Variant)} (define a variant in "
+                             "params.yaml and train it with --variant)") from None
         variant = v.mode
     settings = params.variant_pmpl(variant) if variant in params.variants else params.pmpl
     recipe = params.variant_recipe(variant)

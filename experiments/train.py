@@ -568,8 +568,9 @@ def keep_freed_memory() -> None:
 
 def run_training(runs: RunConfig | list[RunConfig]) -> list[RunMetrics | None]:
     """Train runs one after the other in this process (under torchrun when ``WORLD_SIZE`` is
-    set); rank 0 returns their metrics (other ranks None each). Runs with the same data settings share the data
-    streams, reseeded, and every run computes what it would compute alone."""
+    set); rank 0 returns their metrics (other ranks None each). Runs with the same data
+    settings share the data streams, reseeded, and every run computes what it would compute
+    alone."""
     runs = [runs] if isinstance(runs, RunConfig) else runs
     dist = init_distributed(runs[0].train.device if runs else "auto")
     if dist.device.type == "cpu":

@@ -245,7 +245,7 @@ def end_to_end(out: Path, sizes: dict, port: int | None = None) -> dict:
         log = proc.stdout + proc.stderr
         (out / f"train_{variant}.log").write_text(log)
         found = sorted((work / "runs").glob(f"*/{variant}/seed0/metrics.json"))  # runs/GROUP/...
-        metrics = read_metrics(found[0]).model_dump() if found else {}
+        metrics = read_metrics(found[0]).model_dump(exclude_none=True) if found else {}
         runs[variant] = {
             "exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
             "epoch_lines": [json.loads(line) for line in log.splitlines()
